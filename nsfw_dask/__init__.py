@@ -1,0 +1,49 @@
+"""nsfw_dask: LAION's CLIP NSFW detector as a zero-copy Dask partition scorer.
+
+>>> import dask.dataframe as dd
+>>> from nsfw_dask import score_nsfw
+>>> ddf = dd.read_parquet("embeddings/", dtype_backend="pyarrow")  # doctest: +SKIP
+>>> scored = ddf.map_partitions(score_nsfw)  # doctest: +SKIP
+"""
+
+from ._version import __version__
+from .exceptions import (
+    EmbeddingColumnError,
+    EmbeddingFormatError,
+    NsfwDaskError,
+    WeightsError,
+    WeightsIntegrityError,
+    WeightsNotFoundError,
+)
+from .loading import clear_model_cache, load_model, model_cache_info
+from .models import MODEL_SPECS, ModelSpec, NSFWModel, Normalization
+from .plugin import NSFWModelPlugin
+from .scorer import NSFWScorer
+from .scoring import DEFAULT_BATCH_SIZE, nsfw_meta, score, score_nsfw
+from .weights import cache_dir, fetch_weights, resolve_weights
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "MODEL_SPECS",
+    "EmbeddingColumnError",
+    "EmbeddingFormatError",
+    "ModelSpec",
+    "NSFWModel",
+    "NSFWModelPlugin",
+    "NSFWScorer",
+    "Normalization",
+    "NsfwDaskError",
+    "WeightsError",
+    "WeightsIntegrityError",
+    "WeightsNotFoundError",
+    "__version__",
+    "cache_dir",
+    "clear_model_cache",
+    "fetch_weights",
+    "load_model",
+    "model_cache_info",
+    "nsfw_meta",
+    "resolve_weights",
+    "score",
+    "score_nsfw",
+]

@@ -1,0 +1,120 @@
+"""cuDF partitions: list leaves -> CuPy -> ``torch.from_dlpack`` on the current CUDA device.
+
+The only module that imports cudf or cupy.  It is imported by ``nsfw_dask.dispatch`` the first
+time a cuDF DataFrame is scored (``Dispatch.register_lazy("cudf")``), never on a CPU-only path.
+
+Zero-copy chain (cuDF >= 26.02; see GPU_NOTES): ``Series.list.leaves`` is a view of the list
+child that respects the slice offset, its float32 ``.values`` is a CuPy array over the same
+device memory (CUDA array interface), and ``torch.from_dlpack`` wraps it.  On cuDF <= 25.12 a
+sliced column's leaves are a device copy made by cuDF.  Nulls inside a list are NaN-filled
+(a copy); null rows contribute no leaves and get NaN scores.
+
+Streams: cuDF exports no stream and torch uses its current stream; both are the legacy default
+stream unless ``CUDF_PER_THREAD_STREAM=1`` or a custom ``torch.cuda.Stream`` is used, in which
+case the result is synchronised before it is handed back to cuDF.
+
+NOT RUN ON A GPU by the authors (no GPU was available); the API calls are checked against the
+installed release by ``tests/test_gpu_api.py`` and exercised by ``tests/test_gpu.py`` where a
+CUDA device exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import cudf
+import cupy as cp
+import numpy as np
+import torch
+
+from ._common import choose_column, element_type_error, length_error
+from .dispatch import Segment, backend_dispatch
+from .exceptions import EmbeddingFormatError
+from .models import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_CAST_FIX = "Cast it, e.g. df[col] = df[col].astype(cudf.ListDtype('float32')), or pass column=."
+
+
+def _is_float_list_dtype(dtype: Any) -> bool:
+    return (
+        isinstance(dtype, cudf.ListDtype)
+        and not isinstance(dtype.element_type, cudf.ListDtype)
+        and np.dtype(dtype.element_type).kind == "f"
+    )
+
+
+class CudfBackend:
+    name = "cudf"
+
+    def default_device(self, df: cudf.DataFrame) -> str:
+        return "cuda"
+
+    def resolve_column(self, df: cudf.DataFrame, column: Any, *, schema_only: bool) -> Any:
+        dtypes = df.dtypes
+        return choose_column(
+            df, column,
+            is_candidate=lambda c: _is_float_list_dtype(dtypes[c]),
+            describe=dtypes.items(),
+        )
+
+    def to_segments(self, df: cudf.DataFrame, column: Any, spec: ModelSpec) -> list[Segment]:
+        s = df[column]
+        d = s.dtype
+        if not isinstance(d, cudf.ListDtype):
+            raise EmbeddingFormatError(
+                f"Column {column!r} has dtype {d}; expected a list<float32> column of CLIP embeddings."
+            )
+        if isinstance(d.element_type, cudf.ListDtype) or np.dtype(d.element_type).kind != "f":
+            raise element_type_error(column, d.element_type, _CAST_FIX)
+        n, dim = len(s), spec.dim
+        n_null = int(s.null_count)
+        # 1. lengths, before anything is reshaped (null rows have <NA> length)
+        lengths = s.list.len().fillna(dim)
+        bad = lengths != dim
+        if bool(bad.any()):
+            bad_values = bad.values
+            pos = int(cp.argmax(bad_values))
+            raise length_error(column, s.index[pos], int(lengths.iloc[pos]), spec,
+                               int(bad_values.sum()))
+        # 2. the leaves: a view of exactly these rows (null rows contribute none)
+        leaves = s.list.leaves
+        if leaves.null_count:
+            logger.debug("column %r has null elements inside embeddings: NaN-filled copy", column)
+            leaves = leaves.fillna(np.nan)
+        n_valid = n - n_null
+        if len(leaves) != n_valid * dim:  # never reshape what does not fit
+            raise EmbeddingFormatError(
+                f"Column {column!r}: {len(leaves)} leaf values for {n_valid} non-null rows of "
+                f"{dim}; null rows backed by values are not supported. Rebuild the column, "
+                "e.g. df[col] = df[col].copy()."
+            )
+        arr = leaves.values  # CuPy array over the column's memory (CAI, no copy)
+        emb = torch.from_dlpack(arr.reshape(n_valid, dim))
+        if n_null == 0:
+            return [Segment(0, n, emb)]
+        rows = torch.from_dlpack(cp.flatnonzero(s.notna().values))
+        return [Segment(0, n, emb, rows=rows)]
+
+    def attach(self, df: cudf.DataFrame, score_column: Any, scores: torch.Tensor | None) -> cudf.DataFrame:
+        n = len(df)
+        if scores is None:
+            values = cp.full(n, np.nan, dtype=cp.float32)
+        elif scores.is_cuda:
+            torch.cuda.current_stream(scores.device).synchronize()
+            values = cp.from_dlpack(scores).copy()  # RMM-owned; frees torch's buffer
+        else:
+            values = cp.asarray(scores.numpy())
+        out = df.copy(deep=False)
+        out[score_column] = cudf.Series(values, index=out.index, nan_as_null=False)
+        return out
+
+
+_BACKEND = CudfBackend()
+
+
+@backend_dispatch.register(cudf.DataFrame)
+def _cudf_backend(df: cudf.DataFrame) -> CudfBackend:
+    return _BACKEND

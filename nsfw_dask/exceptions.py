@@ -1,0 +1,38 @@
+"""Exceptions raised by nsfw_dask.
+
+Every exception derives from :class:`NsfwDaskError` and from the builtin a caller would
+naturally catch (``ValueError`` for bad data, ``KeyError`` for a missing column, ``OSError``
+for weights on disk or on the network), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class NsfwDaskError(Exception):
+    """Base class of every error raised by nsfw_dask."""
+
+
+class EmbeddingFormatError(NsfwDaskError, ValueError):
+    """The embedding column holds something the head cannot score as it is.
+
+    The message names the column, the first offending row (its index label) and the fix.
+    """
+
+
+class EmbeddingColumnError(NsfwDaskError, KeyError):
+    """The embedding column is missing or cannot be chosen unambiguously."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(NsfwDaskError, OSError):
+    """The model weights could not be found, downloaded or verified."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """No verified weights file was found and none could be downloaded."""
+
+
+class WeightsIntegrityError(WeightsError):
+    """A weights file exists but is truncated, corrupted or not LAION's file."""

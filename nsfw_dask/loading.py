@@ -1,0 +1,108 @@
+"""The process-wide model cache: each head is loaded once per (worker) process.
+
+Keyed by ``(model, weights checksum, device, dtype)`` and guarded by a lock, so the threads of a
+Dask worker share one instance and load it once.  It works the same under the synchronous,
+threaded and distributed schedulers (no ``get_worker()`` needed); :class:`~nsfw_dask.NSFWModelPlugin`
+fills it eagerly on every worker, and ``client.run(nsfw_dask.model_cache_info)`` shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from .models import ModelSpec, NSFWModel, get_spec
+from .weights import ENV_MODEL_DIR, WeightsInfo, cache_dir, read_state_dict, resolve_weights
+
+__all__ = ["clear_model_cache", "load_model", "model_cache_info", "resolve_device"]
+
+_lock = threading.RLock()
+_resolved: dict[tuple[Any, ...], WeightsInfo] = {}
+_models: dict[tuple[str, str, str, torch.dtype], NSFWModel] = {}
+_loads: list[dict[str, Any]] = []
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Normalise ``device``: None -> cpu, ``"cuda"`` -> ``cuda:<current device>``."""
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _resolve_cached(spec: ModelSpec, model_dir: str | os.PathLike[str] | None) -> WeightsInfo:
+    key = (spec.name, None if model_dir is None else str(model_dir),
+           os.environ.get(ENV_MODEL_DIR), str(cache_dir()))
+    info = _resolved.get(key)
+    if info is None:
+        info = resolve_weights(spec, model_dir)
+        _resolved[key] = info
+    return info
+
+
+def load_model(
+    model: str | ModelSpec = "vit-l-14",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> NSFWModel:
+    """Return the cached, eval-mode head for ``model`` on ``device``, loading it on first use.
+
+    Parameters
+    ----------
+    model : {"vit-l-14", "vit-b-32"}
+    device : str or torch.device, optional
+        Defaults to the CPU.
+    dtype : torch.dtype
+        Parameter dtype (float32 unless you ask otherwise).
+    model_dir : path, optional
+        Searched first for the weights (see :func:`nsfw_dask.resolve_weights`).
+
+    Returns
+    -------
+    NSFWModel
+        Shared by every caller in this process: do not modify it.
+    """
+    spec = get_spec(model)
+    dev = resolve_device(device)
+    with _lock:
+        info = _resolve_cached(spec, model_dir)
+        key = (spec.name, info.checksum, str(dev), dtype)
+        m = _models.get(key)
+        if m is None:
+            t0 = time.perf_counter()
+            m = NSFWModel(spec)
+            m.load_state_dict(read_state_dict(info), strict=True)
+            m = m.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+            m.weights_info = info
+            _models[key] = m
+            _loads.append({
+                "model": spec.name, "checksum": info.checksum, "device": str(dev),
+                "dtype": str(dtype).replace("torch.", ""), "path": str(info.path),
+                "pid": os.getpid(), "thread": threading.current_thread().name,
+                "seconds": round(time.perf_counter() - t0, 4),
+            })
+        return m
+
+
+def model_cache_info() -> dict[str, Any]:
+    """What this process has loaded: ``{"pid", "loads", "models": [...]}``.
+
+    ``loads`` counts every load since the process started (or :func:`clear_model_cache`), so
+    ``client.run(model_cache_info)`` shows one load per worker after any number of partitions.
+    """
+    with _lock:
+        return {"pid": os.getpid(), "loads": len(_loads), "models": [dict(d) for d in _loads]}
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded model and resolved weights path in this process."""
+    with _lock:
+        _models.clear()
+        _resolved.clear()
+        _loads.clear()

@@ -1,0 +1,139 @@
+"""LAION's CLIP NSFW detector heads as torch modules.
+
+``Normalization``, ``NSFWModel`` and :class:`~nsfw_dask.NSFWScorer` keep the API of NeMo Curator's
+``nemo_curator/models/nsfw.py`` (the port its users know); the state-dict keys are exactly those of
+LAION's published ``.pth`` files (``norm.mean``, ``norm.variance``, ``linear_1`` ... ``linear_N``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["MODEL_SPECS", "ModelSpec", "NSFWModel", "Normalization", "get_spec"]
+
+_LAION_COMMIT = "d499e9c87c68f1abf5418caef823c7b609714ca3"
+_LAION_RAW = f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_LAION_COMMIT}/models"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that identifies one LAION head: shape, weights file, where to get it."""
+
+    name: str
+    clip_model: str
+    layers: tuple[int, ...]  # input dim, hidden dims..., 1
+    filename: str
+    url: str
+    sha256: str
+    # Other names the same weights are published under (NeMo Curator's layout), relative to a
+    # model folder.  Their bytes are not pinned, so they are verified by tensor content instead.
+    alias_paths: tuple[str, ...] = ()
+    model_id: str = ""
+
+    @property
+    def dim(self) -> int:
+        return self.layers[0]
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "vit-l-14": ModelSpec(
+        name="vit-l-14",
+        clip_model="CLIP ViT-L/14",
+        layers=(768, 64, 512, 256, 1),
+        filename="clip_ViT-L-14_openai_binary_nsfw_head.pth",
+        url=f"{_LAION_RAW}/clip_ViT-L-14_openai_binary_nsfw_head.pth",
+        sha256="fc4d70d2eea4e948d13bc27bf7114f5e8d3bd317eb01a4b49b35dcf1a3d672c6",
+        alias_paths=(
+            "laion/clip-autokeras-binary-nsfw/clip_autokeras_binary_nsfw.pth",
+            "clip_autokeras_binary_nsfw.pth",
+        ),
+        model_id="laion/clip-autokeras-binary-nsfw",
+    ),
+    "vit-b-32": ModelSpec(
+        name="vit-b-32",
+        clip_model="CLIP ViT-B/32",
+        layers=(512, 32, 32, 1),
+        filename="clip_ViT-B-32_openai_binary_nsfw_head.pth",
+        url=f"{_LAION_RAW}/clip_ViT-B-32_openai_binary_nsfw_head.pth",
+        sha256="615f35e1364b40b14c30e770544345b82d8e558240692ad72eb8eafa466ef25c",
+        model_id="laion/clip-autokeras-nsfw-b32",
+    ),
+}
+
+_ALIASES = {
+    "vit-l-14": "vit-l-14", "vit-l/14": "vit-l-14", "l14": "vit-l-14", "vit_l_14": "vit-l-14",
+    "vit-b-32": "vit-b-32", "vit-b/32": "vit-b-32", "b32": "vit-b-32", "vit_b_32": "vit-b-32",
+}
+
+
+def get_spec(model: str | ModelSpec) -> ModelSpec:
+    """Return the :class:`ModelSpec` for ``model`` (``"vit-l-14"`` or ``"vit-b-32"``)."""
+    if isinstance(model, ModelSpec):
+        return model
+    key = _ALIASES.get(str(model).strip().lower())
+    if key is None:
+        raise ValueError(
+            f"Expected model to be one of {sorted(MODEL_SPECS)} but got {model!r}; "
+            "'vit-l-14' scores 768-d CLIP ViT-L/14 embeddings, 'vit-b-32' 512-d ViT-B/32 ones."
+        )
+    return MODEL_SPECS[key]
+
+
+class Normalization(nn.Module):
+    """Keras-style feature normalization: ``(x - mean) / sqrt(variance)``.
+
+    Parameters
+    ----------
+    shape : list of int
+        Shape of the ``mean`` and ``variance`` buffers (``[768]`` for ViT-L/14).
+    """
+
+    def __init__(self, shape: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("variance", torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.variance.sqrt()
+
+
+class NSFWModel(nn.Module):
+    """LAION's NSFW head: Normalization, then Linear+ReLU layers and a sigmoid.
+
+    ``NSFWModel()`` is the ViT-L/14 head (768-64-512-256-1), exactly as in NeMo Curator;
+    ``NSFWModel("vit-b-32")`` is the ViT-B/32 head (512-32-32-1).
+
+    Parameters
+    ----------
+    model : str, default "vit-l-14"
+        Which head to build.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nsfw_dask import NSFWModel
+    >>> m = NSFWModel().eval()
+    >>> m(torch.zeros(3, 768)).shape
+    torch.Size([3, 1])
+    """
+
+    def __init__(self, model: str | ModelSpec = "vit-l-14") -> None:
+        super().__init__()
+        spec = get_spec(model)
+        self.spec = spec
+        self.norm = Normalization([spec.dim])
+        for i, (n_in, n_out) in enumerate(zip(spec.layers[:-1], spec.layers[1:]), start=1):
+            setattr(self, f"linear_{i}", nn.Linear(n_in, n_out))
+        self.n_linear = len(spec.layers) - 1
+        self.act = nn.ReLU()
+        self.act_out = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Score a ``(batch, dim)`` tensor; returns ``(batch, 1)`` probabilities."""
+        x = self.norm(x)
+        for i in range(1, self.n_linear):
+            x = self.act(getattr(self, f"linear_{i}")(x))
+        return self.act_out(getattr(self, f"linear_{self.n_linear}")(x))

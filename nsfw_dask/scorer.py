@@ -1,0 +1,108 @@
+"""``NSFWScorer``: NeMo Curator's model interface, on nsfw_dask's verified weights and cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from .exceptions import EmbeddingFormatError
+from .loading import load_model, resolve_device
+from .models import NSFWModel, get_spec
+from .scoring import DEFAULT_BATCH_SIZE, score_tensor
+from .weights import _search, fetch_weights
+
+__all__ = ["NSFWScorer"]
+
+
+class NSFWScorer:
+    """Score CLIP embeddings with LAION's NSFW head; a drop-in for NeMo Curator's ``NSFWScorer``.
+
+    Parameters
+    ----------
+    model_dir : path, optional
+        Folder holding the weights: LAION's file name or NeMo Curator's layout
+        (``laion/clip-autokeras-binary-nsfw/clip_autokeras_binary_nsfw.pth``).  When it has none,
+        ``$NSFW_DASK_MODEL_DIR``, the user cache and a download are tried, in that order.
+    model : {"vit-l-14", "vit-b-32"}
+    device : str, optional
+        Default ``"cuda"`` when available, else ``"cpu"`` (as NeMo Curator).
+    batch_size : int, optional
+        Rows per forward pass inside one call (default ``DEFAULT_BATCH_SIZE`` for the device).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nsfw_dask import NSFWScorer
+    >>> scorer = NSFWScorer("/models")  # doctest: +SKIP
+    >>> scorer.setup()  # doctest: +SKIP
+    >>> scorer(np.zeros((4, 768), dtype=np.float32)).shape  # doctest: +SKIP
+    torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        *,
+        model: str = "vit-l-14",
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.spec = get_spec(model)
+        self.model_dir = model_dir
+        self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float32
+        self.batch_size = batch_size
+        self.nsfw_model: NSFWModel | None = None
+        self.weights_path: str | None = None
+
+    @property
+    def model_id_names(self) -> list[str]:
+        """Model ids, as NeMo Curator names them (``["laion/clip-autokeras-binary-nsfw"]``)."""
+        return [self.spec.model_id]
+
+    @classmethod
+    def download_weights_on_node(cls, model_dir: str | os.PathLike[str], model: str = "vit-l-14") -> Path:
+        """Make sure ``model_dir`` holds verified weights, downloading LAION's file if needed.
+
+        Safe to call from every process of a node at once (one download, atomic rename).
+        Returns the path of the verified file.
+        """
+        spec = get_spec(model)
+        found = _search(spec, Path(model_dir))
+        return found.path if found is not None else fetch_weights(spec, model_dir)
+
+    def setup(self) -> None:
+        """Load the head (once per process; later scorers with the same weights share it)."""
+        self.nsfw_model = load_model(self.spec, device=self.device, dtype=self.dtype,
+                                     model_dir=self.model_dir)
+        self.weights_path = str(self.nsfw_model.weights_info.path)
+
+    def __call__(self, embeddings: torch.Tensor | npt.NDArray[np.floating]) -> torch.Tensor:
+        """Score ``(batch, dim)`` embeddings; returns float32 scores of shape ``(batch,)``.
+
+        A NumPy input is wrapped without a copy when it is writeable (NeMo Curator copies it);
+        the result is on ``self.device``.
+        """
+        if self.nsfw_model is None:
+            self.setup()
+        if isinstance(embeddings, np.ndarray):
+            arr = embeddings if embeddings.flags.writeable else embeddings.copy()
+            embeddings = torch.from_numpy(arr)
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"Expected a torch.Tensor or numpy.ndarray but got {type(embeddings).__name__}")
+        if embeddings.ndim == 1:
+            embeddings = embeddings.unsqueeze(0)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.spec.dim:
+            raise EmbeddingFormatError(
+                f"Expected embeddings of shape (batch, {self.spec.dim}) for model {self.spec.name!r} "
+                f"but got {tuple(embeddings.shape)}."
+            )
+        if not embeddings.is_floating_point():
+            embeddings = embeddings.float()
+        dev = resolve_device(self.device)
+        bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
+        return score_tensor(self.nsfw_model, embeddings, batch_size=bs, device=dev)

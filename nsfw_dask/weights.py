@@ -1,0 +1,298 @@
+"""Finding, downloading and verifying LAION's NSFW head weights.
+
+Resolution order (first hit wins): an explicit ``model_dir`` -> ``$NSFW_DASK_MODEL_DIR`` ->
+the user cache (``$NSFW_DASK_CACHE_DIR``, else ``$XDG_CACHE_HOME/nsfw_dask``, else
+``~/.cache/nsfw_dask``) -> a download into the user cache from the URL pinned to a LAION commit.
+
+Every file is verified before its tensors reach a model: LAION's file names by the pinned SHA-256
+of the bytes; NeMo Curator's layout (``laion/clip-autokeras-binary-nsfw/clip_autokeras_binary_nsfw.pth``),
+whose bytes are not pinned, by a digest of the tensors after a ``weights_only`` read.  A file that
+fails is never used: in the user cache it is replaced by a fresh download, anywhere else it is an
+error naming the file.  Downloads stream to a temporary file in the target folder, are checked,
+then renamed into place atomically, under a file lock so that many worker processes on one node
+download once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .exceptions import WeightsError, WeightsIntegrityError, WeightsNotFoundError
+from .models import ModelSpec, get_spec
+
+__all__ = [
+    "WeightsInfo",
+    "cache_dir",
+    "fetch_weights",
+    "read_state_dict",
+    "resolve_weights",
+    "sha256_file",
+    "state_dict_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_MODEL_DIR = "NSFW_DASK_MODEL_DIR"
+ENV_CACHE_DIR = "NSFW_DASK_CACHE_DIR"
+ENV_OFFLINE = "NSFW_DASK_OFFLINE"
+
+# Digest of the tensors (names, dtypes, shapes, bytes; see ``state_dict_digest``) in LAION's files.
+# Used to accept the same weights stored under other names or containers (NeMo Curator's layout).
+_CONTENT_DIGESTS = {
+    "vit-l-14": "a30f02c2948427679a46f2bfc4cfb14bf0ef5cde1702489edbe9f5595dfec905",
+    "vit-b-32": "0379fc5fa09f17171c61d1782e290d33f80c87e4716981dfb5b5b9984054fe5f",
+}
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """A verified weights file: where it is and the checksum it was verified against."""
+
+    spec: ModelSpec
+    path: Path
+    checksum: str  # "sha256:<hex>" of the bytes, or "tensors:<hex>" for unpinned containers
+
+
+def cache_dir() -> Path:
+    """The per-user weights cache, read from the environment at each call."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nsfw_dask"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over the sorted tensor names, dtypes, shapes and little-endian bytes."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_state_dict(info: WeightsInfo) -> dict[str, torch.Tensor]:
+    """Load a verified file with ``torch.load(weights_only=True)`` onto the CPU."""
+    try:
+        return torch.load(info.path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that passed its checksum should always load
+        raise WeightsIntegrityError(f"Could not read weights file {info.path}: {e}") from e
+
+
+def _candidates(spec: ModelSpec, folder: Path) -> list[Path]:
+    return [folder / spec.filename] + [folder / p for p in spec.alias_paths]
+
+
+def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
+    """Verify ``path`` for ``spec``; raise WeightsIntegrityError naming the file if it fails."""
+    if path.name == spec.filename:
+        got = sha256_file(path)
+        if got != spec.sha256:
+            raise WeightsIntegrityError(
+                f"Weights file {path} is truncated, corrupted or not LAION's {spec.clip_model} head: "
+                f"sha256 {got}, expected {spec.sha256} ({path.stat().st_size} bytes). "
+                f"Delete it and run `nsfw-dask fetch-weights --model {spec.name}`, or download "
+                f"{spec.url} again."
+            )
+        return WeightsInfo(spec, path, f"sha256:{got}")
+    # An unpinned container (NeMo Curator's file): read it safely, then compare tensor contents.
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        got = state_dict_digest(sd)
+    except Exception as e:
+        raise WeightsIntegrityError(
+            f"Weights file {path} cannot be read as a torch state dict ({e}); it is truncated or "
+            f"corrupted. Delete it, or use LAION's {spec.filename} (sha256 {spec.sha256})."
+        ) from e
+    expected = _CONTENT_DIGESTS.get(spec.name)
+    if got != expected:
+        raise WeightsIntegrityError(
+            f"Weights file {path} does not hold LAION's {spec.clip_model} head (tensor digest {got}, "
+            f"expected {expected}). Delete it, or use LAION's {spec.filename} (sha256 {spec.sha256})."
+        )
+    return WeightsInfo(spec, path, f"tensors:{got}")
+
+
+def _search(spec: ModelSpec, folder: Path) -> WeightsInfo | None:
+    for path in _candidates(spec, folder):
+        if path.is_file():
+            return _verify(spec, path)
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_weights(
+    model: str | ModelSpec = "vit-l-14",
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    download: bool | None = None,
+    timeout: float = 60.0,
+) -> WeightsInfo:
+    """Find (and if needed download) verified weights for ``model``.
+
+    Parameters
+    ----------
+    model : {"vit-l-14", "vit-b-32"}
+        Which LAION head.
+    model_dir : path, optional
+        Folder searched first, holding LAION's file or NeMo Curator's layout.
+    download : bool, optional
+        Allow a download into the user cache when nothing is found.  Defaults to True unless
+        ``NSFW_DASK_OFFLINE=1``.
+    timeout : float
+        Network timeout in seconds for the download.
+
+    Returns
+    -------
+    WeightsInfo
+
+    Raises
+    ------
+    WeightsIntegrityError
+        A file was found outside the user cache but failed verification.
+    WeightsNotFoundError
+        Nothing was found and the download was not allowed or failed.
+    """
+    spec = get_spec(model)
+    searched: list[Path] = []
+    for folder in (model_dir, os.environ.get(ENV_MODEL_DIR) or None):
+        if folder is None:
+            continue
+        folder = Path(folder).expanduser()
+        searched.append(folder)
+        info = _search(spec, folder)
+        if info is not None:
+            return info
+    cache = cache_dir()
+    searched.append(cache)
+    try:
+        info = _search(spec, cache)
+    except WeightsIntegrityError as e:
+        logger.warning("%s; downloading it again", e)
+        info = None
+    if info is not None:
+        return info
+    if download is None:
+        download = not _offline()
+    where = ", ".join(str(p) for p in searched)
+    how = (
+        f"Copy {spec.filename} (sha256 {spec.sha256}, from {spec.url}) into a folder and set "
+        f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=)."
+    )
+    if not download:
+        raise WeightsNotFoundError(
+            f"No weights for {spec.name} ({spec.clip_model}) in {where}, and downloading is "
+            f"disabled. {how}"
+        )
+    try:
+        path = fetch_weights(spec, cache, timeout=timeout)
+    except WeightsIntegrityError:
+        raise
+    except WeightsError as e:
+        raise WeightsNotFoundError(
+            f"No weights for {spec.name} ({spec.clip_model}) in {where}, and the download failed: "
+            f"{e}. {how}"
+        ) from e
+    return WeightsInfo(spec, path, f"sha256:{spec.sha256}")
+
+
+def fetch_weights(
+    model: str | ModelSpec = "vit-l-14",
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    url: str | None = None,
+    timeout: float = 60.0,
+    force: bool = False,
+) -> Path:
+    """Download LAION's weights for ``model`` into ``model_dir`` (default: the user cache).
+
+    The file is streamed to a temporary file in ``model_dir``, its SHA-256 checked against the
+    pinned value, then renamed into place; a file lock makes concurrent callers (several worker
+    processes on one node) download once.  An existing verified file is reused unless ``force``.
+
+    Parameters
+    ----------
+    model : {"vit-l-14", "vit-b-32"}
+    model_dir : path, optional
+        Target folder, created if needed.
+    url : str, optional
+        A mirror to download from instead of the pinned LAION URL; the pinned SHA-256 still applies.
+    timeout : float
+        Socket timeout in seconds.
+    force : bool
+        Download even if a verified file is already there.
+
+    Returns
+    -------
+    pathlib.Path
+        The verified file.
+
+    Examples
+    --------
+    >>> from nsfw_dask import fetch_weights
+    >>> path = fetch_weights("vit-l-14", "/data/models")  # doctest: +SKIP
+    """
+    spec = get_spec(model)
+    folder = Path(model_dir).expanduser() if model_dir is not None else cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / spec.filename
+    with FileLock(str(folder / f".{spec.filename}.lock"), timeout=max(600.0, 4 * timeout)):
+        if dest.is_file() and not force:
+            if sha256_file(dest) == spec.sha256:
+                return dest
+            logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
+        _download(url or spec.url, dest, spec, timeout)
+    return dest
+
+
+def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        size = 0
+        req = urllib.request.Request(url, headers={"User-Agent": "nsfw-dask"})
+        logger.info("Downloading %s to %s", url, dest)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except urllib.error.HTTPError as e:
+            raise WeightsError(f"HTTP {e.code} {e.reason} from {url}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise WeightsError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
+        if h.hexdigest() != spec.sha256:
+            raise WeightsIntegrityError(
+                f"Downloaded {url} ({size} bytes) has sha256 {h.hexdigest()}, expected "
+                f"{spec.sha256}; it was not saved. Check the URL or mirror."
+            )
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

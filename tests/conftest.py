@@ -1,0 +1,118 @@
+"""Shared fixtures and markers.
+
+* ``gpu`` tests run only where torch sees a CUDA device and cuDF/CuPy import (``import cudf``
+  alone succeeds on a CPU machine, so the device is probed).
+* ``gpu_api`` tests run where the GPU extra is installed, GPU or not.
+* ``weights`` tests need LAION's weights: ``$NSFW_DASK_MODEL_DIR``, else ``../shared/weights``
+  beside the checkout.  With ``NSFW_DASK_REQUIRE_WEIGHTS=1`` (as in .ci/run) missing weights are
+  an error instead of a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+L14_FILE = "clip_ViT-L-14_openai_binary_nsfw_head.pth"
+
+
+def _weights_dir() -> Path | None:
+    env = os.environ.get("NSFW_DASK_MODEL_DIR")
+    for cand in ([Path(env)] if env else []) + [SHARED / "weights"]:
+        if (cand / L14_FILE).is_file():
+            return cand
+    return None
+
+
+def _reference_dir() -> Path | None:
+    env = os.environ.get("NSFW_DASK_REFERENCE_DIR")
+    for cand in ([Path(env)] if env else []) + [SHARED / "reference"]:
+        if (cand / "l14_reference.npz").is_file():
+            return cand
+    return None
+
+
+WEIGHTS_DIR = _weights_dir()
+REFERENCE_DIR = _reference_dir()
+
+
+def _cuda_device_present() -> bool:
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            return False
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0 and importlib.util.find_spec("cudf") is not None
+    except Exception:
+        return False
+
+
+def _gpu_extra_installed() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("cudf", "cupy", "dask_cudf", "dask_cuda"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if WEIGHTS_DIR is not None:
+        os.environ["NSFW_DASK_MODEL_DIR"] = str(WEIGHTS_DIR)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    need_weights = any("weights" in item.keywords for item in items)
+    if need_weights and (WEIGHTS_DIR is None or REFERENCE_DIR is None):
+        if os.environ.get("NSFW_DASK_REQUIRE_WEIGHTS") == "1":
+            raise pytest.UsageError(
+                "NSFW_DASK_REQUIRE_WEIGHTS=1 but LAION's weights or the reference data were not "
+                f"found (NSFW_DASK_MODEL_DIR={os.environ.get('NSFW_DASK_MODEL_DIR')!r}, "
+                f"looked in {SHARED}); weight-dependent tests would be skipped."
+            )
+    gpu = _cuda_device_present()
+    extra = _gpu_extra_installed()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device (or cuDF/CuPy) here"))
+        if "gpu_api" in item.keywords and not extra:
+            item.add_marker(pytest.mark.skip(reason="GPU extra (cudf, cupy, dask-cudf, dask-cuda) not installed"))
+        if "weights" in item.keywords and (WEIGHTS_DIR is None or REFERENCE_DIR is None):
+            item.add_marker(pytest.mark.skip(reason="LAION weights / reference data not found"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's cache, never reach the network unless a test asks."""
+    monkeypatch.setenv("NSFW_DASK_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "user-cache"))
+    monkeypatch.setenv("NSFW_DASK_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    assert WEIGHTS_DIR is not None
+    return WEIGHTS_DIR
+
+
+@pytest.fixture(scope="session")
+def l14_ref() -> dict[str, np.ndarray]:
+    assert REFERENCE_DIR is not None
+    with np.load(REFERENCE_DIR / "l14_reference.npz") as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
+def b32_ref() -> dict[str, np.ndarray]:
+    assert REFERENCE_DIR is not None
+    with np.load(REFERENCE_DIR / "b32_reference.npz") as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
+def l14_special() -> dict[str, np.ndarray]:
+    assert REFERENCE_DIR is not None
+    with np.load(REFERENCE_DIR / "l14_special.npz") as d:
+        return {k: d[k] for k in d.files}
