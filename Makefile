@@ -1,0 +1,45 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch (never the 5.8 GB CUDA build on CPU machines).  Elsewhere, e.g.:
+#   make TORCH=torch PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
+TORCH  ?= torch==2.13.0+cpu
+PIP_EXTRA ?=
+EXTRAS ?= test
+WEIGHTS ?= $(if $(NSFW_DASK_MODEL_DIR),$(NSFW_DASK_MODEL_DIR),$(abspath ../shared/weights))
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-all demo bench bench-quick gpu-api-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) "$(TORCH)"
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e ".[$(EXTRAS)]"
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA build' if torch.version.cuda else 'CPU build')"
+	touch $@
+
+## the tests (weight-dependent ones read LAION's weights from $(WEIGHTS))
+test: setup
+	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python -m pytest
+
+## the main job: generate a sample dataset, score it on a local Dask cluster, summary + histogram
+demo: setup
+	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/nsfw-dask demo
+
+bench: setup
+	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python benchmarks/bench_scoring.py --out results
+
+bench-quick: setup
+	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python benchmarks/bench_scoring.py --quick --out results
+
+## checks the installed cuDF/CuPy/dask-cuda API on CPU (installs the ~5 GB GPU extra into .venv-gpu)
+gpu-api-check:
+	$(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q "$(TORCH)"
+	.venv-gpu/bin/python -m pip install -q -e ".[test,gpu-cu12]"
+	.venv-gpu/bin/python -m pytest -m gpu_api tests/test_gpu_api.py -v
+
+clean:
+	rm -rf $(VENV) .venv-gpu results *.egg-info
