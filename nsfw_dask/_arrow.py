@@ -201,6 +201,11 @@ def _chunk_segment(chunk: pa.Array, start: int, column: Any, spec: ModelSpec,
             pos = int(np.argmax(bad))
             raise length_error(column, index[start + pos], int(lengths[pos]), spec, int(bad.sum()))
 
+    if valid is not None and not valid.any():  # every row null: nothing to read or score
+        dtype = {16: torch.float16, 32: torch.float32, 64: torch.float64}[t.value_type.bit_width]
+        return Segment(start, start + n, torch.empty((0, dim), dtype=dtype),
+                       rows=torch.empty(0, dtype=torch.int64))
+
     # 2. the values of exactly this chunk, zero-copy (``.values`` ignores the slice offset)
     values = chunk.values.slice(base, end - base)
     if values.null_count:
@@ -208,7 +213,7 @@ def _chunk_segment(chunk: pa.Array, start: int, column: Any, spec: ModelSpec,
         if valid is None:
             in_valid_rows = bool(elem_null.any())
         else:
-            row_lengths = np.full(n, dim) if lengths is None else lengths
+            row_lengths = np.full(n, t.list_size) if lengths is None else lengths
             in_valid_rows = bool((elem_null & np.repeat(valid, row_lengths)).any())
         if in_valid_rows:
             logger.debug("column %r has null elements inside embeddings: NaN-filled copy", column)

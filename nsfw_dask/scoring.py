@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import sys
 from typing import Any
@@ -157,7 +158,9 @@ def score_nsfw(
     >>> safe = scored[scored.nsfw_score < 0.5]  # doctest: +SKIP
     """
     spec = get_spec(model)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
+    ):
         raise ValueError(f"Expected batch_size to be a positive int or None but got {batch_size!r}")
     backend = get_backend(df)
     schema_only = _in_dask_meta_inference()
@@ -173,7 +176,7 @@ def score_nsfw(
     if not any(seg.emb.shape[0] for seg in segments):  # every row null: no model needed
         return backend.attach(df, score_column, None)
     dev = resolve_device(device if device is not None else backend.default_device(df))
-    bs = batch_size or _default_batch_size(dev)
+    bs = int(batch_size) if batch_size else _default_batch_size(dev)
     head = load_model(spec, device=dev, model_dir=model_dir)
     scores = _score_segments(head, segments, n, batch_size=bs, device=dev)
     logger.debug("scored %d rows of %r on %s in %d segment(s)", n, col, dev, len(segments))
