@@ -38,12 +38,13 @@ logger = logging.getLogger(__name__)
 _CAST_FIX = "Cast it, e.g. df[col] = df[col].astype(cudf.ListDtype('float32')), or pass column=."
 
 
+def _is_float_element(t: Any) -> bool:
+    # list<str>, list<struct>, list<decimal>, list<list> elements are not numpy dtypes
+    return isinstance(t, np.dtype) and t.kind == "f"
+
+
 def _is_float_list_dtype(dtype: Any) -> bool:
-    return (
-        isinstance(dtype, cudf.ListDtype)
-        and not isinstance(dtype.element_type, cudf.ListDtype)
-        and np.dtype(dtype.element_type).kind == "f"
-    )
+    return isinstance(dtype, cudf.ListDtype) and _is_float_element(dtype.element_type)
 
 
 class CudfBackend:
@@ -67,7 +68,7 @@ class CudfBackend:
             raise EmbeddingFormatError(
                 f"Column {column!r} has dtype {d}; expected a list<float32> column of CLIP embeddings."
             )
-        if isinstance(d.element_type, cudf.ListDtype) or np.dtype(d.element_type).kind != "f":
+        if not _is_float_element(d.element_type):
             raise element_type_error(column, d.element_type, _CAST_FIX)
         n, dim = len(s), spec.dim
         n_null = int(s.null_count)
@@ -80,16 +81,18 @@ class CudfBackend:
             raise length_error(column, s.index[pos], int(lengths.iloc[pos]), spec,
                                int(bad_values.sum()))
         # 2. the leaves: a view of exactly these rows (null rows contribute none)
+        n_valid = n - n_null
         leaves = s.list.leaves
+        if len(leaves) != n_valid * dim:  # null rows with values behind them: gather the valid rows
+            logger.debug("column %r: null rows hold values; gathering the valid rows (a copy)", column)
+            leaves = s.dropna().list.leaves
         if leaves.null_count:
             logger.debug("column %r has null elements inside embeddings: NaN-filled copy", column)
             leaves = leaves.fillna(np.nan)
-        n_valid = n - n_null
         if len(leaves) != n_valid * dim:  # never reshape what does not fit
             raise EmbeddingFormatError(
                 f"Column {column!r}: {len(leaves)} leaf values for {n_valid} non-null rows of "
-                f"{dim}; null rows backed by values are not supported. Rebuild the column, "
-                "e.g. df[col] = df[col].copy()."
+                f"{dim}. Rebuild the column, e.g. df[col] = df[col].dropna().reindex(df.index)."
             )
         arr = leaves.values  # CuPy array over the column's memory (CAI, no copy)
         emb = torch.from_dlpack(arr.reshape(n_valid, dim))

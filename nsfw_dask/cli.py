@@ -150,7 +150,8 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
         workers = args.workers or (1 if args.threads_per_worker else min(n_cpu, 4))
         threads = args.threads_per_worker or max(1, n_cpu // workers)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=None,
+                               silence_logs=logging.WARNING if args.verbose else logging.CRITICAL)
     with cluster, Client(cluster) as c:
         yield c
 
@@ -191,7 +192,7 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
 
     from .io import read_input
     from .plugin import NSFWModelPlugin
-    from .scoring import score_nsfw
+    from .scoring import nsfw_meta, score_nsfw
     from .weights import resolve_weights
 
     if output.exists() and not args.overwrite:
@@ -215,9 +216,10 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
         with _client(args) as client:
             device = "cuda" if args.gpu else "cpu"
             client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir))
+            meta = nsfw_meta(ddf, column=args.column, score_column=args.score_column)  # column errors here
             scored = ddf.map_partitions(
                 score_nsfw, column=args.column, model=args.model, score_column=args.score_column,
-                batch_size=args.batch_size, model_dir=args.model_dir,
+                batch_size=args.batch_size, model_dir=args.model_dir, meta=meta,
             )
             if args.threshold is not None:
                 scored = scored.assign(is_nsfw=scored[args.score_column] >= args.threshold)
@@ -355,6 +357,16 @@ def _plot_histogram(hist: np.ndarray, path: Path, title: str) -> bool:
     return True
 
 
+def _our_cause(e: BaseException) -> BaseException | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, NsfwDaskError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 _COMMANDS = {"score": cmd_score, "fetch-weights": cmd_fetch_weights, "demo": cmd_demo}
 
 
@@ -375,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nsfw-dask: error: {e}", file=sys.stderr)
         return getattr(e, "code", 1)
     except Exception as e:  # anything else: still one line unless --verbose
+        cause = _our_cause(e)
+        if cause is not None:  # e.g. dask's "Metadata inference failed" wrapping our error
+            if args.verbose:
+                traceback.print_exc()
+            print(f"nsfw-dask: error: {cause}", file=sys.stderr)
+            return 1
         if args.verbose:
             traceback.print_exc()
         print(f"nsfw-dask: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",

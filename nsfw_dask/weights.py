@@ -16,6 +16,7 @@ download once.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import tempfile
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 ENV_MODEL_DIR = "NSFW_DASK_MODEL_DIR"
 ENV_CACHE_DIR = "NSFW_DASK_CACHE_DIR"
 ENV_OFFLINE = "NSFW_DASK_OFFLINE"
+
+_UMASK = os.umask(0)  # read once at import (os.umask is process-wide)
+os.umask(_UMASK)
 
 # Digest of the tensors (names, dtypes, shapes, bytes; see ``state_dict_digest``) in LAION's files.
 # Used to accept the same weights stored under other names or containers (NeMo Curator's layout).
@@ -284,14 +288,16 @@ def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
                 out.flush()
                 os.fsync(out.fileno())
         except urllib.error.HTTPError as e:
+            e.close()
             raise WeightsError(f"HTTP {e.code} {e.reason} from {url}") from e
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise WeightsError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
         if h.hexdigest() != spec.sha256:
             raise WeightsIntegrityError(
                 f"Downloaded {url} ({size} bytes) has sha256 {h.hexdigest()}, expected "
                 f"{spec.sha256}; it was not saved. Check the URL or mirror."
             )
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from other users' workers
         os.replace(tmp, dest)
     finally:
         if tmp.exists():

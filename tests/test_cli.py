@@ -1,0 +1,203 @@
+"""The `nsfw-dask` CLI through real subprocesses: success, each error, no-overwrite, interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nsfw_dask import NSFWScorer
+
+pytestmark = pytest.mark.weights
+
+CLUSTER = ["--workers", "1", "--threads-per-worker", "1"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def write_parquet(path: Path, x: np.ndarray, row_group_size: int = 500) -> pd.DataFrame:
+    n, dim = x.shape
+    lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
+                                     pa.array(x.reshape(-1)))
+    table = pa.table({"url": [f"https://e.org/{i}.jpg" for i in range(n)], "id": np.arange(n) * 3,
+                      "embedding": lists})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return table.to_pandas()
+
+
+@pytest.fixture(scope="module")
+def expected(l14_ref) -> np.ndarray:
+    return NSFWScorer(device="cpu")(l14_ref["inputs"]).numpy()
+
+
+@pytest.fixture()
+def dataset(tmp_path, l14_ref) -> Path:
+    path = tmp_path / "in.parquet"
+    write_parquet(path, l14_ref["inputs"])
+    return path
+
+
+def read_output(path: Path) -> pd.DataFrame:
+    files = sorted(path.glob("*.parquet"), key=lambda p: int(p.stem.split(".")[-1]))
+    return pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files])
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["score"], ["fetch-weights"], ["demo"]):
+        r = run_cli(*cmd, "--help")
+        assert r.returncode == 0, r.stderr
+        assert "usage: nsfw-dask" in r.stdout
+
+
+def test_score_success_threshold_and_order(tmp_path, dataset, expected):
+    out = tmp_path / "out"
+    r = run_cli("score", str(dataset), str(out), "--threshold", "0.5", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert "rows scored      2,692" in r.stdout and "score quantiles" in r.stdout
+    assert f"score >= 0.5     {int((expected >= 0.5).sum()):,} rows" in r.stdout
+    got = read_output(out)
+    assert list(got.columns) == ["url", "id", "embedding", "nsfw_score", "is_nsfw"]
+    assert str(got["nsfw_score"].dtype) in ("float32", "float[pyarrow]")
+    np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(2692) * 3)  # row order kept
+    np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got["is_nsfw"].to_numpy(), got["nsfw_score"].to_numpy() >= 0.5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left
+
+
+def test_filter_keep_safe_and_keep_nsfw(tmp_path, dataset, expected):
+    for mode, keep in (("keep-safe", expected < 0.3), ("keep-nsfw", expected >= 0.3)):
+        out = tmp_path / mode
+        r = run_cli("score", str(dataset), str(out), "--threshold", "0.3", "--filter", mode, *CLUSTER)
+        assert r.returncode == 0, r.stderr
+        got = read_output(out)
+        assert f"rows written     {int(keep.sum()):,}" in r.stdout
+        np.testing.assert_array_equal(got["id"].to_numpy(), (np.arange(2692) * 3)[keep])
+
+
+def test_existing_output_refused_then_overwritten(tmp_path, dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    r = run_cli("score", str(dataset), str(out), *CLUSTER)
+    assert r.returncode == 2
+    assert "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "keep.txt").read_text() == "user data"
+    r = run_cli("score", str(dataset), str(out), "--overwrite", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "keep.txt").exists() and len(read_output(out)) == 2692
+
+
+def _one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("nsfw-dask: error:")]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_missing_column_error(tmp_path, dataset):
+    line = _one_line_error(run_cli("score", str(dataset), str(tmp_path / "o"), "--column", "nope", *CLUSTER))
+    assert "'nope' not found" in line and "embedding" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_dimension_error(tmp_path, b32_ref):
+    path = tmp_path / "b32.parquet"
+    write_parquet(path, b32_ref["inputs"][:200])
+    line = _one_line_error(run_cli("score", str(path), str(tmp_path / "o"), *CLUSTER))
+    assert "has 512 values, expected 768" in line and "vit-b-32" in line
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if ".incomplete" in p.name]
+    r = run_cli("score", str(path), str(tmp_path / "o"), "--model", "vit-b-32", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+
+
+def test_weights_unavailable_offline(tmp_path, dataset):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"NSFW_DASK_MODEL_DIR": str(empty), "NSFW_DASK_CACHE_DIR": str(empty), "NSFW_DASK_OFFLINE": "1"}
+    line = _one_line_error(run_cli("score", str(dataset), str(tmp_path / "o"), *CLUSTER, env=env))
+    assert "NSFW_DASK_MODEL_DIR" in line and "clip_ViT-L-14_openai_binary_nsfw_head.pth" in line
+    r = run_cli("score", str(dataset), str(tmp_path / "o"), "--verbose", *CLUSTER, env=env)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_missing_input_error(tmp_path):
+    line = _one_line_error(run_cli("score", str(tmp_path / "nothing"), str(tmp_path / "o"), *CLUSTER))
+    assert "nothing" in line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, l14_ref, sig):
+    path = tmp_path / "big.parquet"
+    x = np.tile(l14_ref["inputs"], (4, 1))  # 10,768 rows scored one row per batch: a few seconds
+    write_parquet(path, x, row_group_size=1000)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "nsfw_dask", "score", str(path), str(out),
+                             "--batch-size", "1", *CLUSTER], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".incomplete" in p.name for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert any(".incomplete" in p.name for p in tmp_path.iterdir()), "the run never started writing"
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".incomplete" in p.name]
+    r = run_cli("score", str(path), str(out), "--batch-size", "4096", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert len(read_output(out)) == len(x)
+
+
+def _parquet_npy(root: Path, x: np.ndarray, sizes: list[int], dtype=np.float16) -> None:
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    start = 0
+    for i, n in enumerate(sizes):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start:start + n].astype(dtype))
+        pd.DataFrame({"url": [f"u{j}" for j in range(start, start + n)], "row": np.arange(start, start + n)}
+                     ).to_parquet(root / "metadata" / f"metadata_{i}.parquet")
+        start += n
+
+
+def test_parquet_npy_input(tmp_path, l14_ref):
+    x = l14_ref["inputs"]
+    root = tmp_path / "laion"
+    _parquet_npy(root, x, [1000, 1692])
+    out = tmp_path / "out"
+    r = run_cli("score", str(root), str(out), *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    got = read_output(out)
+    np.testing.assert_array_equal(got["row"].to_numpy(), np.arange(len(x)))
+    expected = NSFWScorer(device="cpu")(x.astype(np.float16).astype(np.float32)).numpy()
+    np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_parquet_npy_row_count_mismatch(tmp_path, l14_ref):
+    root = tmp_path / "laion"
+    _parquet_npy(root, l14_ref["inputs"], [100, 100])
+    np.save(root / "img_emb" / "img_emb_1.npy", l14_ref["inputs"][:99].astype(np.float16))
+    line = _one_line_error(run_cli("score", str(root), str(tmp_path / "o"), *CLUSTER))
+    assert "img_emb_1.npy has 99 rows" in line and "metadata_1.parquet has 100" in line
+
+
+def test_fetch_weights_prints_verified_path(weights_dir):
+    r = run_cli("fetch-weights", "--model", "vit-b-32", env={"NSFW_DASK_MODEL_DIR": str(weights_dir)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth")
