@@ -8,6 +8,14 @@ runs) and prints a summary table.  Figures (L/14 head unless --model says otherw
 * ``score_nsfw``: ``score_nsfw`` on an in-memory pandas partition (Arrow list<float32> column).
 * ``peers``: the same rows as one whole-partition batch (NeMo Curator 0.x default) and as
   ``np.stack`` of an object column + head (NeMo Curator 1.x stage).
+* ``dask``: parquet -> ``map_partitions(score_nsfw)`` -> parquet on a LocalCluster, against the
+  same pipeline without scoring, for 1 worker x 2 threads and 2 workers x 1 thread; the time
+  scoring adds is compared with N / L.
+* ``gpu`` (``--gpu``, where a CUDA device exists): the raw head and ``score_nsfw`` on a cuDF
+  partition, the memory roofline (embedding bytes / measured device bandwidth), and the Dask
+  pipeline on a LocalCUDACluster with the cuDF backend.  Not run by the authors (no GPU).
+
+A PNG plot of the figures is written next to the JSON (needs matplotlib: ``nsfw-dask[bench]``).
 
 Run ``python benchmarks/bench_scoring.py --help``.  Needs the weights (NSFW_DASK_MODEL_DIR).
 """
@@ -153,6 +161,135 @@ def bench_in_memory(args: argparse.Namespace, result: dict[str, Any]) -> None:
                        for k in fns if k.startswith("peer_")}
 
 
+def write_dataset(path: Path, n: int, dim: int, rows_per_file: int) -> None:
+    import pyarrow.parquet as pq
+
+    path.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, n, rows_per_file)):
+        x = make_embeddings(min(rows_per_file, n - start), dim, seed=i)
+        df = arrow_frame(x)
+        df["id"] = np.arange(start, start + len(x))
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path / f"part.{i}.parquet")
+
+
+def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path) -> None:
+    """parquet -> map_partitions(score_nsfw) -> parquet, with and without scoring, per layout."""
+    import shutil
+    import uuid
+
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster
+
+    spec = get_spec(args.model)
+    n = args.dask_rows
+    src = workdir / "input"
+    write_dataset(src, n, spec.dim, args.rows_per_partition)
+    limit = result["limit"]["rows_per_s"]
+    layouts = {}
+    for workers, threads in args.layouts:
+        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                          dashboard_address=None, silence_logs=40) as cluster, Client(cluster) as client:
+            client.register_plugin(nsfw_dask.NSFWModelPlugin(spec.name, device="cpu"))
+
+            def pipeline(score: bool) -> Callable[[], None]:
+                def run() -> None:
+                    ddf = dd.read_parquet(str(src), dtype_backend="pyarrow")
+                    if score:
+                        ddf = ddf.map_partitions(score_nsfw, model=spec.name)
+                    out = workdir / f"out-{uuid.uuid4().hex[:8]}"
+                    ddf.to_parquet(str(out), write_index=False)
+                    shutil.rmtree(out)
+                return run
+
+            med = interleaved({"with_scoring": pipeline(True), "without_scoring": pipeline(False)},
+                              args.repeats_dask)
+        added = med["with_scoring"] - med["without_scoring"]
+        layouts[f"{workers}x{threads}"] = {
+            "workers": workers, "threads_per_worker": threads,
+            "with_scoring_s": med["with_scoring"], "without_scoring_s": med["without_scoring"],
+            "rows_per_s_end_to_end": n / med["with_scoring"],
+            "scoring_added_s": added, "ideal_added_s": n / limit,
+            "added_over_ideal": added / (n / limit),
+        }
+    result["dask"] = {"rows": n, "rows_per_partition": args.rows_per_partition, "layouts": layouts}
+
+
+def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """cuDF / CUDA figures.  NOT RUN by the authors: no GPU was available."""
+    import cudf
+
+    spec = get_spec(args.model)
+    n = args.rows
+    x = make_embeddings(n, spec.dim)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    xt = torch.from_numpy(x).to(dev)
+    head = nsfw_dask.load_model(spec, device=dev)
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            torch.cuda.synchronize()
+        return run
+
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    big2 = torch.empty_like(big)
+    t_copy, _ = median_time(timed(lambda: big2.copy_(big)), args.repeats)
+    bandwidth = 2 * big.numel() / t_copy  # bytes read + written per second
+    del big, big2
+    gdf = cudf.DataFrame.from_arrow(pa.Table.from_pandas(arrow_frame(x), preserve_index=False))
+
+    def raw(bs: int) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                for i in range(0, n, bs):
+                    head(xt[i : i + bs])
+        return timed(run)
+
+    fns = {f"raw_head_bs{bs}": raw(bs) for bs in args.gpu_batch_sizes}
+    fns["score_nsfw_cudf"] = timed(lambda: score_nsfw(gdf, model=spec.name))
+    med = interleaved(fns, args.repeats)
+    roofline = bandwidth / (spec.dim * 4)
+    result["gpu"] = {
+        "device": torch.cuda.get_device_name(dev),
+        "bandwidth_bytes_per_s": bandwidth,
+        "memory_roofline_rows_per_s": roofline,
+        "figures": {k: {"rows_per_s": n / v, "of_roofline": n / v / roofline} for k, v in med.items()},
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'nsfw-dask[bench]')")
+        return False
+    names, values = [], []
+    for group in ("raw_head", "peers"):
+        for k, v in result.get(group, {}).items():
+            names.append(k)
+            values.append(v["rows_per_s"])
+    if "score_nsfw" in result:
+        names.append("score_nsfw")
+        values.append(result["score_nsfw"]["rows_per_s"])
+    for k, v in result.get("dask", {}).get("layouts", {}).items():
+        names.append(f"dask e2e {k}")
+        values.append(v["rows_per_s_end_to_end"])
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5))
+    ax.barh(names, values)
+    ax.axvline(result["limit"]["rows_per_s"], color="k", linestyle="--", label="limit L (sgemm)")
+    ax.set_xlabel("rows/s")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title(f"nsfw_dask {result['model']}, {result['machine'].get('cpu_model', '')}"[:90])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def print_table(result: dict[str, Any]) -> None:
     lim = result["limit"]["rows_per_s"]
     print(f"limit L = {lim:,.0f} rows/s (sgemm {result['limit']['sgemm_flops'] / 1e9:.1f} GFLOP/s)")
@@ -164,6 +301,11 @@ def print_table(result: dict[str, Any]) -> None:
         v = result["score_nsfw"]
         print(f"{'score_nsfw (in-memory partition)':40s} {v['rows_per_s']:14,.0f} {v['of_limit']:7.2f}"
               f"   ({v['vs_best_raw_head']:.2f} × best raw head)")
+    for k, v in result.get("dask", {}).get("layouts", {}).items():
+        print(f"{'dask parquet->score->parquet ' + k:40s} {v['rows_per_s_end_to_end']:14,.0f}"
+              f"          scoring adds {v['scoring_added_s']:.2f} s = {v['added_over_ideal']:.2f} × N/L")
+    for k, v in result.get("gpu", {}).get("figures", {}).items():
+        print(f"{'gpu ' + k:40s} {v['rows_per_s']:14,.0f}   {v['of_roofline']:.2f} of memory roofline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,9 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 7)")
     p.add_argument("--model", default="vit-l-14")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    p.add_argument("--gpu-batch-sizes", type=int, nargs="+", default=[8192, 32768, 131072, 262144])
+    p.add_argument("--gpu", action="store_true", help="also the cuDF/CUDA figures (needs a GPU + the GPU extra)")
+    p.add_argument("--no-dask", action="store_true", help="skip the Dask end-to-end figures")
     args = p.parse_args(argv)
     args.rows = args.rows or (65_536 if args.quick else 262_144)
     args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats_dask = 1 if args.quick else 3
+    args.dask_rows = 32_768 if args.quick else args.rows
+    args.rows_per_partition = 16_384 if args.quick else 65_536
+    args.layouts = [(1, 2), (2, 1)]
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu: no CUDA device is visible to torch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -186,6 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
     }
     bench_in_memory(args, result)
+    if args.gpu:
+        bench_gpu(args, result)
+    if not args.no_dask:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nsfw-bench-") as tmp:
+            bench_dask(args, result, Path(tmp))
+    png = out / "bench_scoring.png"
+    if plot(result, png):
+        result["plot"] = str(png)
     path = out / "bench_scoring.json"
     path.write_text(json.dumps(result, indent=2))
     print_table(result)
