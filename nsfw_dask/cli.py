@@ -166,14 +166,13 @@ def _partition_stats(df: Any, score_column: str, threshold: float | None) -> Any
     finite = values[~np.isnan(values)]
     hist, _ = np.histogram(finite, bins=_BINS, range=(0.0, 1.0))
     over = int((finite >= threshold).sum()) if threshold is not None else 0
-    row = {"rows": len(values), "nan": int(len(values) - len(finite)), "over": over}
-    row.update({f"h{i}": int(v) for i, v in enumerate(hist)})
+    row = {"rows": len(values), "nan": int(len(values) - len(finite)), "over": over, "hist": hist}
     return pd.DataFrame([row])
 
 
 def _summarise(stats: Any) -> dict[str, Any]:
-    total = stats.sum()
-    hist = np.array([total[f"h{i}"] for i in range(_BINS)], dtype=np.int64)
+    total = stats[["rows", "nan", "over"]].sum()
+    hist = np.sum(np.stack(list(stats["hist"])), axis=0) if len(stats) else np.zeros(_BINS, np.int64)
     cum = np.cumsum(hist)
     n_scored = int(cum[-1]) if len(cum) else 0
     quantiles = {}
@@ -256,8 +255,7 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
 def _partition_stats_meta() -> Any:
     import pandas as pd
 
-    cols = {"rows": "int64", "nan": "int64", "over": "int64"}
-    cols.update({f"h{i}": "int64" for i in range(_BINS)})
+    cols = {"rows": "int64", "nan": "int64", "over": "int64", "hist": "object"}
     return pd.DataFrame({k: pd.Series([], dtype=v) for k, v in cols.items()})
 
 
@@ -313,17 +311,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = MODEL_SPECS[args.model]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nsfw-dask-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "embeddings.parquet"
+    data = out / "embeddings"
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir()
     rng = np.random.default_rng(0)
-    print(f"generating {args.rows:,} unit-norm {spec.dim}-d embeddings in {data}")
-    with pq.ParquetWriter(data, pa.schema([("id", pa.int64()), ("embedding", pa.list_(pa.float32()))])) as w:
-        for start in range(0, args.rows, args.partition_rows):
-            n = min(args.partition_rows, args.rows - start)
-            x = rng.standard_normal((n, spec.dim), dtype=np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * spec.dim, spec.dim, dtype=np.int32)),
-                                             pa.array(x.reshape(-1)))
-            w.write_table(pa.table({"id": np.arange(start, start + n), "embedding": lists}))
+    print(f"generating {args.rows:,} unit-norm {spec.dim}-d embeddings in {data}/")
+    for i, start in enumerate(range(0, args.rows, args.partition_rows)):  # one file per partition
+        n = min(args.partition_rows, args.rows - start)
+        x = rng.standard_normal((n, spec.dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * spec.dim, spec.dim, dtype=np.int32)),
+                                         pa.array(x.reshape(-1)))
+        pq.write_table(pa.table({"id": np.arange(start, start + n), "embedding": lists}),
+                       data / f"part.{i:05d}.parquet")
     args.overwrite = True
     if args.threshold is None:
         args.threshold = 0.5
