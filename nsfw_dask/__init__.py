@@ -15,6 +15,7 @@ from .exceptions import (
     WeightsIntegrityError,
     WeightsNotFoundError,
 )
+from .io import read_embeddings
 from .loading import clear_model_cache, load_model, model_cache_info
 from .models import MODEL_SPECS, ModelSpec, NSFWModel, Normalization
 from .plugin import NSFWModelPlugin
@@ -43,6 +44,7 @@ __all__ = [
     "load_model",
     "model_cache_info",
     "nsfw_meta",
+    "read_embeddings",
     "resolve_weights",
     "score",
     "score_nsfw",

@@ -23,7 +23,7 @@ import torch
 
 from ._common import choose_column, element_type_error, length_error
 from .dispatch import Segment, backend_dispatch
-from .exceptions import EmbeddingFormatError
+from .exceptions import EmbeddingColumnError, EmbeddingFormatError
 from .models import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,15 @@ def _looks_like_vector(v: Any) -> bool | None:
     return False
 
 
+def _check_unique(df: pd.DataFrame, column: Any) -> None:
+    dup = df.columns[df.columns.duplicated()]
+    if len(dup) and (column is None or column in dup):
+        raise EmbeddingColumnError(
+            f"Column names {sorted(map(str, set(dup)))} appear more than once; rename them "
+            "(e.g. df.columns = [...]) so the embedding column is unambiguous."
+        )
+
+
 class PandasBackend:
     name = "pandas"
 
@@ -71,6 +80,7 @@ class PandasBackend:
         return "cpu"
 
     def resolve_column(self, df: pd.DataFrame, column: Any, *, schema_only: bool) -> Any:
+        _check_unique(df, column)
         dtypes = df.dtypes
 
         def is_candidate(c: Any) -> bool | None:
@@ -111,7 +121,10 @@ class PandasBackend:
         else:
             values = scores.detach().to("cpu").numpy()
         out = df.copy(deep=False)
-        out[score_column] = values  # positional: no index alignment, duplicates are fine
+        key = score_column
+        if isinstance(df.columns, pd.MultiIndex) and not isinstance(key, tuple):
+            key = (key,) + ("",) * (df.columns.nlevels - 1)
+        out[key] = values  # positional: no index alignment, duplicate labels are fine
         return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -42,6 +43,26 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------- arguments
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vit-l-14", choices=sorted(MODEL_SPECS),
                    help="LAION head: vit-l-14 (768-d CLIP ViT-L/14) or vit-b-32 (512-d); default vit-l-14")
@@ -52,8 +73,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster")
-    g.add_argument("--threads-per-worker", type=int, default=None, help="threads per worker process")
+    g.add_argument("--workers", type=_positive_int, default=None, help="worker processes of the embedded cluster")
+    g.add_argument("--threads-per-worker", type=_positive_int, default=None, help="threads per worker process")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster")
     g.add_argument("--gpu", action="store_true",
@@ -64,12 +85,12 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--column", default=None, help="embedding column (default: the only list-of-float column)")
     p.add_argument("--score-column", default="nsfw_score", help="name of the score column (default nsfw_score)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="also write is_nsfw = score >= T (and count rows over T)")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="also write is_nsfw = score >= T, <NA> where the score is NaN (and count rows over T)")
     p.add_argument("--filter", default="none", choices=["none", "keep-safe", "keep-nsfw"],
                    help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
                         "(T = --threshold, default 0.5); rows with a NaN score are kept by neither")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a sample dataset, score it, print a summary, plot a histogram",
                        description="The main job, end to end, on generated unit-norm embeddings.")
-    p.add_argument("--rows", type=int, default=300_000, help="rows to generate (default 300,000)")
+    p.add_argument("--rows", type=_positive_int, default=300_000, help="rows to generate (default 300,000)")
     p.add_argument("--out", default=None, help="folder for data, scores and the PNG (default: a temp folder)")
-    p.add_argument("--partition-rows", type=int, default=50_000, help="rows per parquet row group / partition")
+    p.add_argument("--partition-rows", type=_positive_int, default=50_000, help="rows per parquet row group / partition")
     _score_args(p)
     _cluster_args(p)
     _common(p)
@@ -156,23 +177,30 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
         yield c
 
 
-def _partition_stats(df: Any, score_column: str, threshold: float | None) -> Any:
-    """Histogram + counts of one partition's scores (a tiny frame; pandas or cuDF in, pandas out)."""
+def _is_nsfw(s: Any, threshold: float) -> Any:
+    """``score >= threshold`` as a nullable boolean: <NA> where the score is NaN (no embedding)."""
+    flag = s >= threshold
+    if hasattr(flag, "to_pandas"):  # cuDF: bool columns hold nulls natively
+        return flag.mask(s.isna())
+    return flag.astype("boolean").mask(s.isna())
+
+
+def _hist_chunk(s: Any) -> Any:
+    """Histogram of one partition's scores as a pandas Series indexed by bin (pandas or cuDF in)."""
     import pandas as pd
 
-    s = df[score_column]
-    values = s.to_numpy() if hasattr(s, "to_numpy") else s.values_host
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[~np.isnan(values)]
-    hist, _ = np.histogram(finite, bins=_BINS, range=(0.0, 1.0))
-    over = int((finite >= threshold).sum()) if threshold is not None else 0
-    row = {"rows": len(values), "nan": int(len(values) - len(finite)), "over": over, "hist": hist}
-    return pd.DataFrame([row])
+    v = s.to_numpy() if not hasattr(s, "to_pandas") else s.to_pandas().to_numpy()
+    v = np.asarray(v, dtype=np.float64)
+    h, _ = np.histogram(v[~np.isnan(v)], bins=_BINS, range=(0.0, 1.0))
+    return pd.Series(h, index=pd.RangeIndex(_BINS))
 
 
-def _summarise(stats: Any) -> dict[str, Any]:
-    total = stats[["rows", "nan", "over"]].sum()
-    hist = np.sum(np.stack(list(stats["hist"])), axis=0) if len(stats) else np.zeros(_BINS, np.int64)
+def _hist_sum(parts: Any) -> Any:
+    return parts.groupby(level=0).sum()
+
+
+def _summarise(total: int, nan: int, over: int, hist: Any) -> dict[str, Any]:
+    hist = np.asarray(hist, dtype=np.int64).reshape(-1)
     cum = np.cumsum(hist)
     n_scored = int(cum[-1]) if len(cum) else 0
     quantiles = {}
@@ -180,88 +208,139 @@ def _summarise(stats: Any) -> dict[str, Any]:
         if n_scored:
             k = int(np.searchsorted(cum, q * n_scored, side="left"))
             quantiles[f"p{int(q * 100):02d}"] = round((k + 0.5) / _BINS, 4)
-    return {"rows": int(total["rows"]), "nan_scores": int(total["nan"]), "over_threshold": int(total["over"]),
+    return {"rows": int(total), "nan_scores": int(nan), "over_threshold": int(over),
             "quantiles": quantiles, "histogram": hist}
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _check_paths(input_path: str, output: Path, overwrite: bool) -> None:
+    out = output.expanduser().resolve()
+    if output.exists() and not overwrite:
+        raise CLIError(f"{output} already exists; pass --overwrite to replace it, or choose another OUTPUT.", 2)
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise CLIError(f"OUTPUT {output} is the current folder or one of its parents; choose a new folder.", 2)
+    if not _is_url(input_path) and not any(c in input_path for c in "*?["):
+        src = Path(input_path).expanduser().resolve()
+        if not src.exists():
+            raise CLIError(f"INPUT {input_path} not found (a parquet file, folder, glob or URL); check the path.")
+        if src == out or out in src.parents or src in out.parents:
+            raise CLIError(f"OUTPUT {output} overlaps INPUT {input_path}; write to a separate folder.", 2)
 
 
 def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[str, Any]:
     import dask
     import dask.dataframe as dd
+    import pandas as pd
     from distributed import progress
 
-    from .io import read_input
+    from .io import is_parquet_npy, read_input
     from .plugin import NSFWModelPlugin
     from .scoring import nsfw_meta, score_nsfw
     from .weights import resolve_weights
 
-    if output.exists() and not args.overwrite:
-        raise CLIError(f"{output} already exists; pass --overwrite to replace it, or choose another OUTPUT.", 2)
+    if _is_url(str(args.output)):
+        raise CLIError("OUTPUT must be a local path (the run is written to a temporary sibling and "
+                       "renamed into place); copy the result to object storage afterwards.", 2)
+    _check_paths(input_path, output, args.overwrite)
     if args.filter != "none" and args.threshold is None:
         args.threshold = 0.5
+    if args.model_dir:
+        args.model_dir = str(Path(args.model_dir).expanduser().resolve())  # workers may have another cwd
     resolve_weights(args.model, args.model_dir)  # fail fast, on the client, with the fix in the message
 
+    npy = is_parquet_npy(input_path)
+    score_kwargs: dict[str, Any] = {}
     if args.gpu:
-        dask.config.set({"dataframe.backend": "cudf"})
+        _check_gpu()
+        if npy:  # pandas partitions over memory-mapped .npy: scored on the GPU batch by batch
+            score_kwargs["device"] = "cuda"
     try:
-        ddf = read_input(input_path)
-    except FileNotFoundError as e:
-        raise CLIError(f"cannot read {input_path}: {e}") from e
+        if args.gpu and not npy:
+            with dask.config.set({"dataframe.backend": "cudf"}):
+                ddf = dd.read_parquet(input_path)  # cuDF reads list columns natively
+        else:
+            ddf = read_input(input_path)
+    except (FileNotFoundError, OSError) as e:
+        raise CLIError(f"cannot read INPUT {input_path}: {str(e).splitlines()[-1]}") from e
+    for col in (args.score_column, "is_nsfw" if args.threshold is not None else None):
+        if col is not None and col in ddf.columns:
+            raise CLIError(f"INPUT already has a column {col!r}; pass --score-column with another name "
+                           "(is_nsfw is added with --threshold).", 2)
 
     t0 = time.perf_counter()
     tmp = output.parent / f".{output.name}.incomplete-{uuid.uuid4().hex[:8]}"
     output.parent.mkdir(parents=True, exist_ok=True)
     done = False
+    futures: list[Any] = []
     try:
         with _client(args) as client:
-            device = "cuda" if args.gpu else "cpu"
-            client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir))
-            meta = nsfw_meta(ddf, column=args.column, score_column=args.score_column)  # column errors here
-            scored = ddf.map_partitions(
-                score_nsfw, column=args.column, model=args.model, score_column=args.score_column,
-                batch_size=args.batch_size, model_dir=args.model_dir, meta=meta,
-            )
-            if args.threshold is not None:
-                scored = scored.assign(is_nsfw=scored[args.score_column] >= args.threshold)
-            written = scored
-            if args.filter == "keep-safe":
-                written = scored[scored[args.score_column] < args.threshold]
-            elif args.filter == "keep-nsfw":
-                written = scored[scored[args.score_column] >= args.threshold]
-            stats = scored.map_partitions(_partition_stats, args.score_column, args.threshold,
-                                          meta=_partition_stats_meta(), enforce_metadata=False)
-            kept = written.map_partitions(len, meta=(None, "int64"), enforce_metadata=False)
-            write = written.to_parquet(str(tmp), write_index=True, compute=False)
-            # one graph: scoring runs once and feeds the write, the stats and the row count
-            t_compute = time.perf_counter()
-            futures = client.compute([write, stats, kept])
-            if not args.no_progress and sys.stdout.isatty():
-                progress(futures)
-                print(file=sys.stderr)
-            _, stats_df, kept_rows = client.gather(futures)
-            compute_seconds = time.perf_counter() - t_compute
-        _swap_into_place(tmp, output)
+            try:
+                device = "cuda" if args.gpu else "cpu"
+                client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir))
+                meta = nsfw_meta(ddf, column=args.column, score_column=args.score_column)  # column errors here
+                scored = ddf.map_partitions(
+                    score_nsfw, column=args.column, model=args.model, score_column=args.score_column,
+                    batch_size=args.batch_size, model_dir=args.model_dir, meta=meta, **score_kwargs,
+                )
+                s = scored[args.score_column]
+                if args.threshold is not None:
+                    scored = scored.assign(is_nsfw=s.map_partitions(_is_nsfw, args.threshold))
+                written = scored
+                if args.filter == "keep-safe":
+                    written = scored[s < args.threshold]
+                elif args.filter == "keep-nsfw":
+                    written = scored[s >= args.threshold]
+                # summary as tree reductions (nothing per partition piles up on the client)
+                hist = s.reduction(chunk=_hist_chunk, aggregate=_hist_sum, combine=_hist_sum,
+                                   meta=pd.Series([], dtype="int64"))
+                over = (s >= args.threshold).sum() if args.threshold is not None else 0
+                stats = [s.size, s.isna().sum(), over, hist, written[args.score_column].size]
+                write = written.to_parquet(str(tmp), write_index=True, compute=False)
+                # one graph: scoring runs once and feeds the write and the summary
+                t_compute = time.perf_counter()
+                futures = client.compute([write, *stats])
+                if not args.no_progress and sys.stdout.isatty():
+                    progress(futures)
+                    print(file=sys.stderr)
+                _, total, nan, over_n, hist_v, kept_rows = client.gather(futures)
+                compute_seconds = time.perf_counter() - t_compute
+            except BaseException:
+                if futures:
+                    client.cancel(futures)
+                raise
+        _swap_into_place(tmp, output, args.overwrite)
         done = True
     finally:
         if not done and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    summary = _summarise(stats_df)
+    summary = _summarise(total, nan, over_n, hist_v)
     summary.update(seconds=seconds, compute_seconds=compute_seconds,
                    rows_per_s=summary["rows"] / compute_seconds if compute_seconds else float("nan"),
-                   rows_written=int(np.sum(kept_rows)), output=str(output), threshold=args.threshold)
+                   rows_written=int(kept_rows), output=str(output), threshold=args.threshold)
     return summary
 
 
-def _partition_stats_meta() -> Any:
-    import pandas as pd
+def _check_gpu() -> None:
+    from .gpu import cuda_available
 
-    cols = {"rows": "int64", "nan": "int64", "over": "int64", "hist": "object"}
-    return pd.DataFrame({k: pd.Series([], dtype=v) for k, v in cols.items()})
+    missing = [m for m in ("cudf", "dask_cudf", "dask_cuda", "cupy") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"--gpu needs {', '.join(missing)}: pip install 'nsfw-dask[gpu-cu12]' (or [gpu-cu13]).")
+    if not cuda_available():
+        raise CLIError("--gpu: no CUDA device is visible; run without --gpu to score on the CPU.")
 
 
-def _swap_into_place(tmp: Path, output: Path) -> None:
+def _swap_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
     """Rename the finished temporary output into place (the old OUTPUT is removed only after)."""
     old = None
+    if output.exists() and not overwrite:
+        raise CLIError(f"{output} appeared while the job ran; the result was discarded. Rerun with "
+                       "--overwrite or another OUTPUT.", 2)
     if output.exists():
         old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(output, old)
@@ -310,7 +389,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     spec = MODEL_SPECS[args.model]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nsfw-dask-demo-"))
+    marker = out / ".nsfw-dask-demo"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise CLIError(f"--out {out} is not empty and not an earlier demo folder; choose a new or empty folder.", 2)
     out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     data = out / "embeddings"
     if data.exists():
         shutil.rmtree(data)
@@ -376,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # no tracebacks from the cluster's shutdown after an error or interrupt
+        for name in ("distributed", "asyncio", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         with _sigterm_as_interrupt():
             return _COMMANDS[args.command](args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +35,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _abs(p: str | os.PathLike[str] | None) -> str | None:
+    return None if not p else str(Path(p).expanduser().resolve())
+
+
 def _resolve_cached(spec: ModelSpec, model_dir: str | os.PathLike[str] | None) -> WeightsInfo:
-    key = (spec.name, None if model_dir is None else str(model_dir),
-           os.environ.get(ENV_MODEL_DIR), str(cache_dir()))
+    # absolute paths: a relative model_dir means another folder after a chdir
+    key = (spec.name, _abs(model_dir), _abs(os.environ.get(ENV_MODEL_DIR)), _abs(cache_dir()))
     info = _resolved.get(key)
     if info is None:
         info = resolve_weights(spec, model_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,13 +10,15 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .exceptions import EmbeddingFormatError
+from .exceptions import EmbeddingFormatError, WeightsIntegrityError
 from .loading import load_model, resolve_device
 from .models import NSFWModel, get_spec
 from .scoring import DEFAULT_BATCH_SIZE, score_tensor
 from .weights import _search, fetch_weights
 
 __all__ = ["NSFWScorer"]
+
+logger = logging.getLogger(__name__)
 
 
 class NSFWScorer:
@@ -72,8 +75,13 @@ class NSFWScorer:
         Returns the path of the verified file.
         """
         spec = get_spec(model)
-        found = _search(spec, Path(model_dir))
-        return found.path if found is not None else fetch_weights(spec, model_dir)
+        folder = Path(model_dir).expanduser()
+        try:
+            found = _search(spec, folder)
+        except WeightsIntegrityError as e:  # truncated/tampered: download it again
+            logger.warning("%s; downloading it again", e)
+            return fetch_weights(spec, folder, force=True)
+        return found.path if found is not None else fetch_weights(spec, folder)
 
     def setup(self) -> None:
         """Load the head (once per process; later scorers with the same weights share it)."""

@@ -37,10 +37,8 @@ def _in_dask_meta_inference() -> bool:
     pandas, ``[[0, 1], [0, 1]]`` for cuDF): values that no real partition has.  There the output
     schema is all that matters, so we build it without loading the model or reading values.
     """
-    frame = sys._getframe(2)  # 0: here, 1: score_nsfw, 2: its caller
-    for _ in range(4):
-        if frame is None:
-            return False
+    frame = sys._getframe(1)
+    while frame is not None:  # the whole stack: wrappers (partial, lambdas, user functions) may sit between
         if frame.f_code.co_name in ("emulate", "_emulate") and str(
             frame.f_globals.get("__name__", "")
         ).startswith("dask."):
@@ -61,7 +59,7 @@ def score_tensor(
 
     Each batch is moved and cast on its own, into a preallocated buffer, so a float16 or
     float64 column, or a CPU column scored on CUDA, never gets a full-size converted copy, and
-    no batch allocates.  Bitwise identical to ``model(emb).reshape(-1)`` batch by batch.
+    no batch allocates (see ``nsfw_dask._runner``).
     """
     n = emb.shape[0]
     if out is None:
@@ -69,7 +67,7 @@ def score_tensor(
     if n == 0:
         return out
     bs = min(batch_size, n)
-    runner = get_runner(model, bs, device)
+    runner = get_runner(model, device)
     with torch.inference_mode():
         for i in range(0, n, bs):
             runner(emb[i : i + bs], out[i : i + bs])

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
+import time
 import logging
 import os
 import tempfile
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from .exceptions import WeightsError, WeightsIntegrityError, WeightsNotFoundError
 from .models import ModelSpec, get_spec
@@ -47,8 +50,18 @@ ENV_MODEL_DIR = "NSFW_DASK_MODEL_DIR"
 ENV_CACHE_DIR = "NSFW_DASK_CACHE_DIR"
 ENV_OFFLINE = "NSFW_DASK_OFFLINE"
 
-_UMASK = os.umask(0)  # read once at import (os.umask is process-wide)
-os.umask(_UMASK)
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` is process-wide and racy)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 # Digest of the tensors (names, dtypes, shapes, bytes; see ``state_dict_digest``) in LAION's files.
 # Used to accept the same weights stored under other names or containers (NeMo Curator's layout).
@@ -95,11 +108,28 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def read_state_dict(info: WeightsInfo) -> dict[str, torch.Tensor]:
-    """Load a verified file with ``torch.load(weights_only=True)`` onto the CPU."""
+    """Read ``info.path`` once, check it against ``info.checksum`` again, load it (weights_only).
+
+    The bytes that are hashed are the bytes that are loaded, so a file changed on disk after it
+    was first verified is refused rather than loaded.
+    """
+    data = info.path.read_bytes()
+    kind, _, expected = info.checksum.partition(":")
+    if kind == "sha256" and hashlib.sha256(data).hexdigest() != expected:
+        raise WeightsIntegrityError(
+            f"Weights file {info.path} changed since it was verified (sha256 now "
+            f"{hashlib.sha256(data).hexdigest()}, expected {expected}); it was not loaded."
+        )
     try:
-        return torch.load(info.path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a file that passed its checksum should always load
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
         raise WeightsIntegrityError(f"Could not read weights file {info.path}: {e}") from e
+    if kind == "tensors" and state_dict_digest(sd) != expected:
+        raise WeightsIntegrityError(
+            f"Weights file {info.path} changed since it was verified (tensor digest differs); "
+            "it was not loaded."
+        )
+    return sd
 
 
 def _candidates(spec: ModelSpec, folder: Path) -> list[Path]:
@@ -184,7 +214,7 @@ def resolve_weights(
     for folder in (model_dir, os.environ.get(ENV_MODEL_DIR) or None):
         if folder is None:
             continue
-        folder = Path(folder).expanduser()
+        folder = Path(folder).expanduser().resolve()
         searched.append(folder)
         info = _search(spec, folder)
         if info is not None:
@@ -259,19 +289,29 @@ def fetch_weights(
     >>> path = fetch_weights("vit-l-14", "/data/models")  # doctest: +SKIP
     """
     spec = get_spec(model)
-    folder = Path(model_dir).expanduser() if model_dir is not None else cache_dir()
+    folder = (Path(model_dir).expanduser() if model_dir is not None else cache_dir()).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / spec.filename
-    with FileLock(str(folder / f".{spec.filename}.lock"), timeout=max(600.0, 4 * timeout)):
-        if dest.is_file() and not force:
-            if sha256_file(dest) == spec.sha256:
-                return dest
-            logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
-        _download(url or spec.url, dest, spec, timeout)
+    lock_path = folder / f".{spec.filename}.lock"
+    try:
+        with FileLock(str(lock_path), timeout=max(600.0, 4 * timeout)):
+            if dest.is_file() and not force:
+                if sha256_file(dest) == spec.sha256:
+                    return dest
+                logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
+            _download(url or spec.url, dest, spec, timeout)
+    except LockTimeout as e:
+        raise WeightsError(
+            f"Timed out waiting for {lock_path}: another process has been downloading {spec.filename} "
+            "for too long. Remove the lock file if no download is running."
+        ) from e
     return dest
 
 
 def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
+    # ``timeout`` bounds each socket read; the whole transfer gets a deadline too (a server that
+    # trickles bytes would otherwise hold the lock, and every waiting worker, indefinitely).
+    deadline = time.monotonic() + max(120.0, 20 * timeout)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -282,6 +322,9 @@ def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    if time.monotonic() > deadline:
+                        raise WeightsError(f"download of {url} took too long (over "
+                                           f"{max(120.0, 20 * timeout):.0f} s); aborted")
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
@@ -297,7 +340,7 @@ def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
                 f"Downloaded {url} ({size} bytes) has sha256 {h.hexdigest()}, expected "
                 f"{spec.sha256}; it was not saved. Check the URL or mirror."
             )
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from other users' workers
+        os.chmod(tmp, 0o666 & ~_read_umask())  # mkstemp's 0600 would hide it from other users' workers
         os.replace(tmp, dest)
     finally:
         if tmp.exists():

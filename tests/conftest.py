@@ -84,6 +84,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="LAION weights / reference data not found"))
 
 
+_skipped_weight_tests: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    kw = report.keywords
+    if report.skipped and "weights" in kw and "gpu" not in kw and "gpu_api" not in kw:
+        _skipped_weight_tests.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("NSFW_DASK_REQUIRE_WEIGHTS") == "1" and _skipped_weight_tests:
+        print(f"\nNSFW_DASK_REQUIRE_WEIGHTS=1 but {len(_skipped_weight_tests)} weight-dependent test(s) "
+              f"were skipped: {_skipped_weight_tests[:5]}")
+        session.exitstatus = 1
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's cache, never reach the network unless a test asks."""

@@ -201,3 +201,38 @@ def test_fetch_weights_prints_verified_path(weights_dir):
     r = run_cli("fetch-weights", "--model", "vit-b-32", env={"NSFW_DASK_MODEL_DIR": str(weights_dir)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth")
+
+
+def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref):
+    x = l14_ref["inputs"][:50]
+    rows = [list(r) for r in x]
+    rows[3] = rows[17] = None
+    pq.write_table(pa.table({"id": np.arange(50), "embedding": pa.array(rows, type=pa.list_(pa.float32()))}),
+                   tmp_path / "in.parquet")
+    r = run_cli("score", str(tmp_path / "in.parquet"), str(tmp_path / "o"), "--threshold", "0.5", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert "NaN scores       2" in r.stdout
+    got = read_output(tmp_path / "o")
+    assert got["is_nsfw"].isna().to_numpy()[[3, 17]].all() and got["is_nsfw"].notna().sum() == 48
+    r = run_cli("score", str(tmp_path / "in.parquet"), str(tmp_path / "s"), "--filter", "keep-safe", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert set(read_output(tmp_path / "s")["id"]).isdisjoint({3, 17})  # unknown is not safe
+
+
+def test_output_overlapping_input_is_refused(tmp_path, dataset):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "in.parquet").write_bytes(dataset.read_bytes())
+    for out in (folder, folder / "in.parquet", tmp_path):
+        r = run_cli("score", str(folder / "in.parquet"), str(out), "--overwrite", *CLUSTER)
+        assert r.returncode == 2 and "overlaps INPUT" in r.stderr, (out, r.stderr)
+    assert (folder / "in.parquet").read_bytes() == dataset.read_bytes()
+
+
+def test_bad_numbers_and_existing_score_column(tmp_path, dataset):
+    for bad in (["--batch-size", "0"], ["--threshold", "1.5"], ["--workers", "-1"]):
+        r = run_cli("score", str(dataset), str(tmp_path / "o"), *bad)
+        assert r.returncode == 2 and "usage:" in r.stderr, bad
+    r = run_cli("score", str(dataset), str(tmp_path / "o"), "--score-column", "id", *CLUSTER)
+    assert r.returncode == 2 and "already has a column 'id'" in r.stderr
+    assert not (tmp_path / "o").exists()
