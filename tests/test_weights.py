@@ -846,3 +846,18 @@ def test_b32_fetch_verify_and_load(
     patch_url(monkeypatch, "vit-b-32", url)
     assert resolve_weights("vit-b-32").path == nsfw_dask.cache_dir() / B32.filename
     assert server.hits["/b32.pth"] == 2
+
+
+def test_file_changed_after_verification_is_never_loaded(tmp_path: Path, weights_dir: Path) -> None:
+    import torch
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    path = folder / L14.filename
+    path.write_bytes((weights_dir / L14.filename).read_bytes())
+    nsfw_dask.load_model("vit-l-14", model_dir=folder)  # verified and cached
+    sd = torch.load(path, weights_only=True)
+    sd["linear_4.bias"] += 5
+    torch.save(sd, path)  # tampered after the first verification
+    with pytest.raises(WeightsIntegrityError, match="changed since it was verified"):
+        nsfw_dask.load_model("vit-l-14", model_dir=folder, dtype=torch.float64)  # a new cache entry
