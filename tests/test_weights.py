@@ -647,14 +647,17 @@ def test_tampered_explicit_dir_is_an_error_and_never_loaded(
         nsfw_dask.load_model("vit-l-14", model_dir=bad.parent)
     with pytest.raises(WeightsIntegrityError):
         NSFWScorer(bad.parent, device="cpu").setup()
-    with pytest.raises(WeightsIntegrityError):
-        NSFWScorer.download_weights_on_node(bad.parent)
 
     assert nsfw_dask.model_cache_info()["loads"] == loads
     assert bad.read_bytes() == bad_bytes  # left exactly as it was
     assert bad.stat().st_mtime_ns == mtime
     assert names(bad.parent) == {L14.filename}
     assert server.hits["/l14.pth"] == 0
+
+    # an explicit download request for that folder (NeMo's API) is where re-downloading is allowed
+    assert NSFWScorer.download_weights_on_node(bad.parent) == bad
+    assert bad.read_bytes() == l14_bytes
+    assert server.hits["/l14.pth"] == 1
 
 
 @pytest.mark.parametrize("tamper", sorted(TAMPER))
