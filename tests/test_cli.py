@@ -200,7 +200,7 @@ def test_parquet_npy_row_count_mismatch(tmp_path, l14_ref):
 def test_fetch_weights_prints_verified_path(weights_dir):
     r = run_cli("fetch-weights", "--model", "vit-b-32", env={"NSFW_DASK_MODEL_DIR": str(weights_dir)})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth")
+    assert Path(r.stdout.strip()) == (weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth").resolve()
 
 
 def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref):
