@@ -15,8 +15,9 @@ runs) and prints a summary table.  Figures (L/14 head unless --model says otherw
   first 1,024-row partition (load + first batch), and peak RSS while scoring the partition over
   the idle process with the model loaded, against embedding bytes x 1.1 + 100 MB.
 * ``gpu`` (``--gpu``, where a CUDA device exists): the raw head and ``score_nsfw`` on a cuDF
-  partition, the memory roofline (embedding bytes / measured device bandwidth), and the Dask
-  pipeline on a LocalCUDACluster with the cuDF backend.  Not run by the authors (no GPU).
+  partition, the memory roofline (embedding bytes / measured device bandwidth), and
+  ``dask_gpu``: the Dask pipeline on a LocalCUDACluster with the cuDF backend.  Not run by the
+  authors (no GPU).
 
 A PNG plot of the figures is written next to the JSON (needs matplotlib: ``nsfw-dask[bench]``).
 
@@ -177,28 +178,46 @@ def write_dataset(path: Path, n: int, dim: int, rows_per_file: int) -> None:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path / f"part.{i}.parquet")
 
 
-def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path) -> None:
-    """parquet -> map_partitions(score_nsfw) -> parquet, with and without scoring, per layout."""
+def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, *, gpu: bool = False) -> None:
+    """parquet -> map_partitions(score_nsfw) -> parquet, with and without scoring, per layout.
+
+    ``gpu=True``: the same on a LocalCUDACluster with the cuDF backend (one layout: one worker per GPU).
+    """
+    import contextlib
     import shutil
     import uuid
 
+    import dask
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
     spec = get_spec(args.model)
     n = args.dask_rows
     src = workdir / "input"
-    write_dataset(src, n, spec.dim, args.rows_per_partition)
+    if not src.exists():
+        write_dataset(src, n, spec.dim, args.rows_per_partition)
     limit = result["limit"]["rows_per_s"]
     layouts = {}
-    for workers, threads in args.layouts:
-        with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                          dashboard_address=None, silence_logs=40) as cluster, Client(cluster) as client:
-            client.register_plugin(nsfw_dask.NSFWModelPlugin(spec.name, device="cpu"))
+    for workers, threads in ([(None, None)] if gpu else args.layouts):
+        if gpu:
+            from nsfw_dask.gpu import local_cuda_cluster
+
+            cluster_cm: Any = local_cuda_cluster()
+            backend = dask.config.set({"dataframe.backend": "cudf"})
+            read_kw: dict[str, Any] = {}
+        else:
+            cluster_cm = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                      dashboard_address=None, silence_logs=40)
+            backend = contextlib.nullcontext()
+            read_kw = {"dtype_backend": "pyarrow"}
+        with cluster_cm as cluster, Client(cluster) as client, backend:
+            client.register_plugin(nsfw_dask.NSFWModelPlugin(spec.name, device="cuda" if gpu else "cpu"))
+            if gpu:
+                workers, threads = len(client.scheduler_info()["workers"]), 1
 
             def pipeline(score: bool) -> Callable[[], None]:
                 def run() -> None:
-                    ddf = dd.read_parquet(str(src), dtype_backend="pyarrow")
+                    ddf = dd.read_parquet(str(src), **read_kw)
                     if score:
                         ddf = ddf.map_partitions(score_nsfw, model=spec.name)
                     out = workdir / f"out-{uuid.uuid4().hex[:8]}"
@@ -209,14 +228,23 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path) 
             med = interleaved({"with_scoring": pipeline(True), "without_scoring": pipeline(False)},
                               args.repeats_dask)
         added = med["with_scoring"] - med["without_scoring"]
-        layouts[f"{workers}x{threads}"] = {
+        layouts[("gpu " if gpu else "") + f"{workers}x{threads}"] = {
             "workers": workers, "threads_per_worker": threads,
             "with_scoring_s": med["with_scoring"], "without_scoring_s": med["without_scoring"],
             "rows_per_s_end_to_end": n / med["with_scoring"],
             "scoring_added_s": added, "ideal_added_s": n / limit,
             "added_over_ideal": added / (n / limit),
         }
-    result["dask"] = {"rows": n, "rows_per_partition": args.rows_per_partition, "layouts": layouts}
+    key = "dask_gpu" if gpu else "dask"
+    result[key] = {"rows": n, "rows_per_partition": args.rows_per_partition, "layouts": layouts}
+
+
+def _device_bandwidth(dev: torch.device, repeats: int, timed: Callable[[Callable[[], Any]], Callable[[], None]]) -> float:
+    """Device memory bandwidth from a 256 MiB device-to-device copy (bytes read + written per s)."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t_copy, _ = median_time(timed(lambda: dst.copy_(src)), repeats)
+    return 2 * src.numel() / t_copy
 
 
 def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -236,11 +264,7 @@ def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
             torch.cuda.synchronize()
         return run
 
-    big = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
-    big2 = torch.empty_like(big)
-    t_copy, _ = median_time(timed(lambda: big2.copy_(big)), args.repeats)
-    bandwidth = 2 * big.numel() / t_copy  # bytes read + written per second
-    del big, big2
+    bandwidth = _device_bandwidth(dev, args.repeats, timed)
     gdf = cudf.DataFrame.from_arrow(pa.Table.from_pandas(arrow_frame(x), preserve_index=False))
 
     def raw(bs: int) -> Callable[[], None]:
@@ -373,7 +397,8 @@ def print_table(result: dict[str, Any]) -> None:
         v = result["score_nsfw"]
         print(f"{'score_nsfw (in-memory partition)':40s} {v['rows_per_s']:14,.0f} {v['of_limit']:7.2f}"
               f"   ({v['vs_best_raw_head']:.2f} × best raw head)")
-    for k, v in result.get("dask", {}).get("layouts", {}).items():
+    for k, v in {**result.get("dask", {}).get("layouts", {}),
+                 **result.get("dask_gpu", {}).get("layouts", {})}.items():
         print(f"{'dask parquet->score->parquet ' + k:40s} {v['rows_per_s_end_to_end']:14,.0f}"
               f"          scoring adds {v['scoring_added_s']:.2f} s = {v['added_over_ideal']:.2f} × N/L")
     if "worker_probe" in result:
@@ -426,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="nsfw-bench-") as tmp:
             bench_dask(args, result, Path(tmp))
+            if args.gpu:
+                bench_dask(args, result, Path(tmp), gpu=True)
     png = out / "bench_scoring.png"
     if plot(result, png):
         result["plot"] = str(png)
