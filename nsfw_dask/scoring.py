@@ -20,8 +20,8 @@ __all__ = ["DEFAULT_BATCH_SIZE", "nsfw_meta", "score", "score_nsfw", "score_tens
 logger = logging.getLogger(__name__)
 
 #: Rows per forward pass when ``batch_size=None``.  CPU: measured on a 2-core EPYC (see README:
-#: ~1k rows keep the 512-wide activations in cache; a whole 262k-row partition as one batch is
-#: several times slower).  CUDA: large, so that a launch moves enough work (not measured here).
+#: ~1k rows keep the activations in cache; a whole 262k-row partition as one batch runs at less
+#: than half the speed).  CUDA: large, so that a launch moves enough work (not measured here).
 DEFAULT_BATCH_SIZE = {"cpu": 1024, "cuda": 32768}
 
 
@@ -83,6 +83,8 @@ def _score_segments(model: torch.nn.Module, segments: list[Segment], n: int, *,
         if seg.rows is None and seg.emb.shape[0] == seg.stop - seg.start:
             score_tensor(model, seg.emb, batch_size=batch_size, device=device, out=view)
         else:
+            if seg.rows is None or len(seg.rows) != seg.emb.shape[0]:
+                raise AssertionError("internal error: a segment's rows do not match its embeddings")
             view.fill_(float("nan"))
             if seg.emb.shape[0]:
                 scores = score_tensor(model, seg.emb, batch_size=batch_size, device=device)
