@@ -242,7 +242,7 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
     from .scoring import nsfw_meta, score_nsfw
     from .weights import resolve_weights
 
-    if _is_url(str(args.output)):
+    if _is_url(str(output)):
         raise CLIError("OUTPUT must be a local path (the run is written to a temporary sibling and "
                        "renamed into place); copy the result to object storage afterwards.", 2)
     _check_paths(input_path, output, args.overwrite)

@@ -236,3 +236,20 @@ def test_bad_numbers_and_existing_score_column(tmp_path, dataset):
     r = run_cli("score", str(dataset), str(tmp_path / "o"), "--score-column", "id", *CLUSTER)
     assert r.returncode == 2 and "already has a column 'id'" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_main_job(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--rows", "3000", "--partition-rows", "1000", "--out", str(out), *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    assert "rows scored      3,000" in r.stdout and "score >= 0.5" in r.stdout
+    assert len(read_output(out / "scored.parquet")) == 3000
+    assert (out / "score_histogram.png").stat().st_size > 0
+    r = run_cli("demo", "--rows", "3000", "--out", str(out), *CLUSTER)  # rerun into its own folder: fine
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "user"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    r = run_cli("demo", "--rows", "3000", "--out", str(other), *CLUSTER)
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert (other / "mine.txt").read_text() == "x"
