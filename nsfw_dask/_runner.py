@@ -15,11 +15,13 @@ are kept per thread in a weak mapping keyed by the model, so ``clear_model_cache
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
 import torch
 
+from .exact import CategoricalEncoding, ExactNSFWModel
 from .models import NSFWModel
 
 __all__ = ["Runner", "get_runner"]
@@ -30,7 +32,11 @@ _tls = threading.local()
 class Runner:
     """Buffers and pre-transposed weights for one model on one device, in one thread."""
 
-    def __init__(self, model: NSFWModel, device: torch.device) -> None:
+    def __init__(self, model: NSFWModel | ExactNSFWModel, device: torch.device) -> None:
+        self.encoding: CategoricalEncoding | None = None
+        if isinstance(model, ExactNSFWModel):
+            self.encoding = model.encoding.to(device)
+            model = model.head
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, device
         with torch.inference_mode():
@@ -42,6 +48,9 @@ class Runner:
                 for i in range(1, model.n_linear + 1)
             ]
         self.dim = self.mean.shape[0]
+        if self.encoding is not None:
+            cols = self.encoding.columns
+            self.cat_mean, self.cat_std = self.mean[cols], self.std[cols]
         self.capacity = 0
         self.x_in: torch.Tensor | None = None
         self.x_norm = self.hidden = None  # type: ignore[assignment]
@@ -59,12 +68,20 @@ class Runner:
         """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``)."""
         n = x.shape[0]
         self._reserve(n)
+        src = x
         if x.dtype != self.dtype or x.device != self.device:
             if self.x_in is None:
                 self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
             x = self.x_in[:n].copy_(x, non_blocking=True)
-        h = torch.sub(x, self.mean, out=self.x_norm[:n])
+        if self.encoding is None:
+            h = torch.sub(x, self.mean, out=self.x_norm[:n])
+        else:  # exact mode: NaN -> 0 (+-inf kept), then the categorical columns' indices
+            h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=self.x_norm[:n])
+            h.sub_(self.mean)
         h.div_(self.std)
+        if self.encoding is not None:  # from the input's own precision (float64 stays float64)
+            codes = self.encoding.codes(src).to(self.device)
+            h[:, self.encoding.columns] = codes.sub_(self.cat_mean).div_(self.cat_std)
         last = len(self.layers) - 1
         for i, (w_t, b) in enumerate(self.layers):
             h = torch.addmm(b, h, w_t, out=self.hidden[i][:n])
@@ -77,7 +94,7 @@ class Runner:
             out.copy_(h.sigmoid_())
 
 
-def get_runner(model: NSFWModel, device: torch.device) -> Runner:
+def get_runner(model: NSFWModel | ExactNSFWModel, device: torch.device) -> Runner:
     """This thread's runner for ``model`` on ``device``."""
     per_model = getattr(_tls, "runners", None)
     if per_model is None:

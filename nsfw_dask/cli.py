@@ -91,6 +91,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                    help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
                         "(T = --threshold, default 0.5); rows with a NaN score are kept by neither")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass")
+    p.add_argument("--exact", action="store_true",
+                   help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
+                        "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-weights", help="download and verify the weights, print where they are",
                        description="Download LAION's weights (pinned URL + SHA-256) and print the path.")
     p.add_argument("--url", default=None, help="a mirror URL (the pinned SHA-256 still applies)")
+    p.add_argument("--exact", action="store_true",
+                   help="also fetch LAION's original SavedModel zip and extract its vocabularies (for --exact)")
     _common(p)
 
     p = sub.add_parser("demo", help="generate a sample dataset, score it, print a summary, plot a histogram",
@@ -251,6 +256,10 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
     if args.model_dir:
         args.model_dir = str(Path(args.model_dir).expanduser().resolve())  # workers may have another cwd
     resolve_weights(args.model, args.model_dir)  # fail fast, on the client, with the fix in the message
+    if getattr(args, "exact", False):
+        from .exact import load_vocabulary
+
+        load_vocabulary(args.model, args.model_dir)  # the SavedModel zip too, before any worker starts
 
     npy = is_parquet_npy(input_path)
     score_kwargs: dict[str, Any] = {}
@@ -280,11 +289,13 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
         with _client(args) as client:
             try:
                 device = "cuda" if args.gpu else "cpu"
-                client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir))
+                client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir,
+                                                       exact=args.exact))
                 meta = nsfw_meta(ddf, column=args.column, score_column=args.score_column)  # column errors here
                 scored = ddf.map_partitions(
                     score_nsfw, column=args.column, model=args.model, score_column=args.score_column,
-                    batch_size=args.batch_size, model_dir=args.model_dir, meta=meta, **score_kwargs,
+                    batch_size=args.batch_size, model_dir=args.model_dir, exact=args.exact, meta=meta,
+                    **score_kwargs,
                 )
                 s = scored[args.score_column]
                 if args.threshold is not None:
@@ -373,13 +384,29 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
-    from .weights import fetch_weights, resolve_weights
+    from .weights import fetch_weights, resolve_file, resolve_weights
 
     if args.url or args.model_dir:
         path = fetch_weights(args.model, args.model_dir, url=args.url)
         print(path)
     else:
         print(resolve_weights(args.model, download=True).path)
+    if args.exact:
+        from .exact import load_vocabulary, read_savedmodel_vocabulary, write_vocabulary_cache
+        from .models import get_spec
+        from .weights import fetch_file
+
+        keras = get_spec(args.model).keras
+        assert keras is not None
+        if args.model_dir:  # the zip and its extracted vocabularies into that folder
+            zpath = fetch_file(keras.filename, keras.url, keras.sha256, args.model_dir)
+            write_vocabulary_cache(read_savedmodel_vocabulary(zpath), keras, [zpath.parent])
+            print(zpath)
+        else:
+            zpath = resolve_file(keras.filename, keras.url, keras.sha256, None, download=True,
+                                 what=f"LAION's original {args.model} SavedModel")
+            load_vocabulary(args.model, download=True)  # extracted and cached in the user cache
+            print(zpath)
     return 0
 
 

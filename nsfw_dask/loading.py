@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .exact import CategoricalEncoding, ExactNSFWModel, clear_vocabulary_cache, load_vocabulary
 from .models import ModelSpec, NSFWModel, get_spec
 from .weights import ENV_MODEL_DIR, WeightsInfo, cache_dir, read_state_dict, resolve_weights
 
@@ -23,7 +24,7 @@ __all__ = ["clear_model_cache", "load_model", "model_cache_info", "resolve_devic
 
 _lock = threading.RLock()
 _resolved: dict[tuple[Any, ...], WeightsInfo] = {}
-_models: dict[tuple[str, str, str, torch.dtype], NSFWModel] = {}
+_models: dict[tuple[str, str, str, torch.dtype], Any] = {}
 _loads: list[dict[str, Any]] = []
 
 
@@ -55,7 +56,8 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     model_dir: str | os.PathLike[str] | None = None,
-) -> NSFWModel:
+    exact: bool = False,
+) -> NSFWModel | ExactNSFWModel:
     """Return the cached, eval-mode head for ``model`` on ``device``, loading it on first use.
 
     Parameters
@@ -67,14 +69,20 @@ def load_model(
         Parameter dtype (float32 unless you ask otherwise).
     model_dir : path, optional
         Searched first for the weights (see :func:`nsfw_dask.resolve_weights`).
+    exact : bool, default False
+        Return LAION's original model (:class:`~nsfw_dask.exact.ExactNSFWModel`: the
+        categorical lookup, then the same head), whose vocabularies come from the original
+        SavedModel zip (see :func:`nsfw_dask.exact.load_vocabulary`).
 
     Returns
     -------
-    NSFWModel
+    NSFWModel or ExactNSFWModel
         Shared by every caller in this process: do not modify it.
     """
     spec = get_spec(model)
     dev = resolve_device(device)
+    if exact:
+        return _load_exact(spec, dev, dtype, model_dir)
     with _lock:
         info = _resolve_cached(spec, model_dir)
         key = (spec.name, info.checksum, str(dev), dtype)
@@ -95,6 +103,28 @@ def load_model(
         return m
 
 
+def _load_exact(spec: ModelSpec, dev: torch.device, dtype: torch.dtype,
+                model_dir: str | os.PathLike[str] | None) -> ExactNSFWModel:
+    with _lock:
+        head = load_model(spec, device=dev, dtype=dtype, model_dir=model_dir)
+        assert spec.keras is not None
+        key = (spec.name, f"{head.weights_info.checksum}|exact:{spec.keras.vocab_digest}", str(dev), dtype)
+        m = _models.get(key)
+        if m is None:
+            t0 = time.perf_counter()
+            vocab = load_vocabulary(spec, model_dir)
+            m = ExactNSFWModel(head, CategoricalEncoding(vocab, spec.dim).to(dev)).eval()
+            m.weights_info = head.weights_info
+            _models[key] = m
+            _loads.append({
+                "model": spec.name, "checksum": key[1], "device": str(dev),
+                "dtype": str(dtype).replace("torch.", ""), "path": str(head.weights_info.path),
+                "pid": os.getpid(), "thread": threading.current_thread().name,
+                "seconds": round(time.perf_counter() - t0, 4), "exact": True,
+            })
+        return m
+
+
 def model_cache_info() -> dict[str, Any]:
     """What this process has loaded: ``{"pid", "loads", "models": [...]}``.
 
@@ -111,3 +141,4 @@ def clear_model_cache() -> None:
         _models.clear()
         _resolved.clear()
         _loads.clear()
+    clear_vocabulary_cache()

@@ -12,10 +12,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["MODEL_SPECS", "ModelSpec", "NSFWModel", "Normalization", "get_spec"]
+__all__ = ["MODEL_SPECS", "KerasSpec", "ModelSpec", "NSFWModel", "Normalization", "get_spec"]
 
 _LAION_COMMIT = "d499e9c87c68f1abf5418caef823c7b609714ca3"
 _LAION_RAW = f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_LAION_COMMIT}/models"
+# LAION's original AutoKeras SavedModels (``exact=True``), pinned to the commit that added them.
+_LAION_KERAS_COMMIT = "d6bb8fe31fd4aecbfed7dfb62df4fe5858bfc014"
+_LAION_KERAS_RAW = f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_LAION_KERAS_COMMIT}"
+
+
+@dataclass(frozen=True)
+class KerasSpec:
+    """LAION's original AutoKeras SavedModel for one head: where its vocabularies come from.
+
+    ``columns`` are the MultiCategoryEncoding columns (checked against the SavedModel's own
+    metadata when it is read); ``vocab_digest`` pins what is extracted from it (see
+    :func:`nsfw_dask.exact.vocabulary_digest`), so a reader bug or a changed file cannot go
+    unnoticed.
+    """
+
+    filename: str
+    url: str
+    sha256: str
+    columns: tuple[int, ...]
+    vocab_digest: str
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class ModelSpec:
     # model folder.  Their bytes are not pinned, so they are verified by tensor content instead.
     alias_paths: tuple[str, ...] = ()
     model_id: str = ""
+    keras: KerasSpec | None = None
 
     @property
     def dim(self) -> int:
@@ -51,6 +72,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "clip_autokeras_binary_nsfw.pth",
         ),
         model_id="laion/clip-autokeras-binary-nsfw",
+        keras=KerasSpec(
+            filename="clip_autokeras_binary_nsfw.zip",
+            url=f"{_LAION_KERAS_RAW}/clip_autokeras_binary_nsfw.zip",
+            sha256="905520bb0336accc73ee282c605d926aef90cf14248889d44b9cee50eef71f8a",
+            columns=(180, 316, 413, 440, 644),
+            vocab_digest="9c5038d5a44e6061bfd30dcf6dd4ca88462d1290dd86e557ab888f0d79d399c0",
+        ),
     ),
     "vit-b-32": ModelSpec(
         name="vit-b-32",
@@ -60,6 +88,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         url=f"{_LAION_RAW}/clip_ViT-B-32_openai_binary_nsfw_head.pth",
         sha256="615f35e1364b40b14c30e770544345b82d8e558240692ad72eb8eafa466ef25c",
         model_id="laion/clip-autokeras-nsfw-b32",
+        keras=KerasSpec(
+            filename="clip_autokeras_nsfw_b32.zip",
+            url=f"{_LAION_KERAS_RAW}/clip_autokeras_nsfw_b32.zip",
+            sha256="78715ab9d64485167e8c9ade3b8e6761a17a16c24d114bd47431ac1dab46462b",
+            columns=(92, 133, 312),
+            vocab_digest="f7e6471095ed3ba40d552a346f6bb45895c24ac5f71d8de2f86db3e66e19890a",
+        ),
     ),
 }
 

@@ -29,6 +29,8 @@ class NSFWModelPlugin(WorkerPlugin):
         ``"cpu"``).  Default: ``"cuda"`` if the worker sees a GPU, else ``"cpu"``.
     model_dir : path, optional
         As for ``score_nsfw``; resolved on each worker.
+    exact : bool, default False
+        Preload the exact-mode model (``score_nsfw(..., exact=True)``) as well.
 
     Examples
     --------
@@ -42,14 +44,15 @@ class NSFWModelPlugin(WorkerPlugin):
     idempotent = True
 
     def __init__(self, model: str = "vit-l-14", *, device: str | None = None,
-                 model_dir: str | os.PathLike[str] | None = None) -> None:
+                 model_dir: str | os.PathLike[str] | None = None, exact: bool = False) -> None:
         self.model = get_spec(model).name  # validated on the client
         self.device = device
         self.model_dir = None if model_dir is None else str(model_dir)
-        self.name = f"nsfw-dask-{self.model}-{device or 'auto'}"
+        self.exact = bool(exact)
+        self.name = f"nsfw-dask-{self.model}-{device or 'auto'}{'-exact' if exact else ''}"
 
     def setup(self, worker: Any = None) -> None:
         import torch
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        load_model(self.model, device=device, model_dir=self.model_dir)
+        load_model(self.model, device=device, model_dir=self.model_dir, exact=self.exact)

@@ -12,9 +12,10 @@ import torch
 
 from .exceptions import EmbeddingFormatError, WeightsIntegrityError
 from .loading import load_model, resolve_device
+from .exact import ExactNSFWModel
 from .models import NSFWModel, get_spec
 from .scoring import DEFAULT_BATCH_SIZE, score_tensor
-from .weights import _search, fetch_weights
+from .weights import _search, fetch_file, fetch_weights
 
 __all__ = ["NSFWScorer"]
 
@@ -35,6 +36,9 @@ class NSFWScorer:
         Default ``"cuda"`` when available, else ``"cpu"`` (as NeMo Curator).
     batch_size : int, optional
         Rows per forward pass inside one call (default ``DEFAULT_BATCH_SIZE`` for the device).
+    exact : bool, default False
+        ``True`` reproduces LAION's original AutoKeras model (LAION-5B's ``punsafe``) instead of
+        NeMo Curator's port; see :func:`nsfw_dask.score_nsfw` and README, "Exact mode".
 
     Examples
     --------
@@ -53,13 +57,15 @@ class NSFWScorer:
         model: str = "vit-l-14",
         device: str | torch.device | None = None,
         batch_size: int | None = None,
+        exact: bool = False,
     ) -> None:
         self.spec = get_spec(model)
+        self.exact = bool(exact)
         self.model_dir = model_dir
         self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float32
         self.batch_size = batch_size
-        self.nsfw_model: NSFWModel | None = None
+        self.nsfw_model: NSFWModel | ExactNSFWModel | None = None
         self.weights_path: str | None = None
 
     @property
@@ -68,14 +74,18 @@ class NSFWScorer:
         return [self.spec.model_id]
 
     @classmethod
-    def download_weights_on_node(cls, model_dir: str | os.PathLike[str], model: str = "vit-l-14") -> Path:
+    def download_weights_on_node(cls, model_dir: str | os.PathLike[str], model: str = "vit-l-14",
+                                 exact: bool = False) -> Path:
         """Make sure ``model_dir`` holds verified weights, downloading LAION's file if needed.
 
         Safe to call from every process of a node at once (one download, atomic rename).
-        Returns the path of the verified file.
+        Returns the path of the verified ``.pth``.  ``exact=True`` also fetches LAION's original
+        SavedModel zip (for the vocabularies of ``exact=True``) into ``model_dir``.
         """
         spec = get_spec(model)
         folder = Path(model_dir).expanduser()
+        if exact and spec.keras is not None:
+            fetch_file(spec.keras.filename, spec.keras.url, spec.keras.sha256, folder)
         try:
             found = _search(spec, folder)
         except WeightsIntegrityError as e:  # truncated/tampered: download it again
@@ -86,7 +96,7 @@ class NSFWScorer:
     def setup(self) -> None:
         """Load the head (once per process; later scorers with the same weights share it)."""
         self.nsfw_model = load_model(self.spec, device=self.device, dtype=self.dtype,
-                                     model_dir=self.model_dir)
+                                     model_dir=self.model_dir, exact=self.exact)
         self.weights_path = str(self.nsfw_model.weights_info.path)
 
     def __call__(self, embeddings: torch.Tensor | npt.NDArray[np.floating]) -> torch.Tensor:

@@ -106,6 +106,7 @@ def score_nsfw(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     model_dir: str | os.PathLike[str] | None = None,
+    exact: bool = False,
 ) -> Any:
     """Score one partition of CLIP image embeddings with LAION's NSFW detector.
 
@@ -134,6 +135,11 @@ def score_nsfw(
     model_dir : path, optional
         Folder searched first for the weights (then ``$NSFW_DASK_MODEL_DIR``, the user cache,
         a download).
+    exact : bool, default False
+        ``False``: NeMo Curator's torch port (Normalization -> MLP), bit for bit.  ``True``:
+        LAION's original AutoKeras model, whose scores are LAION-5B's published ``punsafe``:
+        a few columns are looked up in the original vocabularies (read from LAION's SavedModel
+        zip, found like the weights) and NaN values count as 0.  See README, "Exact mode".
 
     Returns
     -------
@@ -144,8 +150,9 @@ def score_nsfw(
     -----
     * Zero-copy: the scored tensor is a view of the Arrow (CPU) or cuDF (GPU) buffer.
     * A null embedding row gets a NaN score; other rows are unaffected.  A NaN anywhere in an
-      embedding gives a NaN score; ``+-inf`` gives whatever the head computes (NaN or a
-      saturated 0/1), as in NeMo Curator's port.
+      embedding gives a NaN score (``exact=True``: the NaN counts as 0, as in the original
+      model, and so does a null element inside a list); ``+-inf`` gives whatever the head
+      computes (NaN or a saturated 0/1), as in both references.
     * Rows of the wrong length raise :class:`~nsfw_dask.EmbeddingFormatError` naming the column,
       the first bad row's index label, its length and the expected one, before any reshape.
     * An empty partition, and dask's meta inference, get the score column without loading the
@@ -164,6 +171,8 @@ def score_nsfw(
         isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
     ):
         raise ValueError(f"Expected batch_size to be a positive int or None but got {batch_size!r}")
+    if not isinstance(exact, bool):
+        raise TypeError(f"Expected exact to be True or False but got {exact!r}")
     backend = get_backend(df)
     schema_only = _in_dask_meta_inference()
     col = backend.resolve_column(df, column, schema_only=schema_only)
@@ -179,9 +188,9 @@ def score_nsfw(
         return backend.attach(df, score_column, None)
     dev = resolve_device(device if device is not None else backend.default_device(df))
     bs = int(batch_size) if batch_size else _default_batch_size(dev)
-    head = load_model(spec, device=dev, model_dir=model_dir)
+    head = load_model(spec, device=dev, model_dir=model_dir, exact=exact)
     scores = _score_segments(head, segments, n, batch_size=bs, device=dev)
-    logger.debug("scored %d rows of %r on %s in %d segment(s)", n, col, dev, len(segments))
+    logger.debug("scored %d rows of %r on %s in %d segment(s), exact=%s", n, col, dev, len(segments), exact)
     return backend.attach(df, score_column, scores)
 
 

@@ -37,8 +37,10 @@ from .models import ModelSpec, get_spec
 __all__ = [
     "WeightsInfo",
     "cache_dir",
+    "fetch_file",
     "fetch_weights",
     "read_state_dict",
+    "resolve_file",
     "resolve_weights",
     "sha256_file",
     "state_dict_digest",
@@ -289,26 +291,97 @@ def fetch_weights(
     >>> path = fetch_weights("vit-l-14", "/data/models")  # doctest: +SKIP
     """
     spec = get_spec(model)
-    folder = (Path(model_dir).expanduser() if model_dir is not None else cache_dir()).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / spec.filename
-    lock_path = folder / f".{spec.filename}.lock"
+    return fetch_file(spec.filename, url or spec.url, spec.sha256, model_dir, timeout=timeout, force=force)
+
+
+def fetch_file(
+    filename: str,
+    url: str,
+    sha256: str,
+    folder: str | os.PathLike[str] | None = None,
+    *,
+    timeout: float = 60.0,
+    force: bool = False,
+) -> Path:
+    """Download ``url`` to ``folder/filename`` (default folder: the user cache), verified.
+
+    The machinery behind :func:`fetch_weights`, shared by every pinned file (the ``.pth`` heads
+    and LAION's original SavedModel zips): a file lock, a temporary file in ``folder``, the
+    SHA-256 check, an atomic rename.  An existing file with the right SHA-256 is reused unless
+    ``force``.
+    """
+    target = (Path(folder).expanduser() if folder is not None else cache_dir()).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    dest = target / filename
+    lock_path = target / f".{filename}.lock"
     try:
         with FileLock(str(lock_path), timeout=max(600.0, 4 * timeout)):
             if dest.is_file() and not force:
-                if sha256_file(dest) == spec.sha256:
+                if sha256_file(dest) == sha256:
                     return dest
                 logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
-            _download(url or spec.url, dest, spec, timeout)
+            _download(url, dest, sha256, timeout)
     except LockTimeout as e:
         raise WeightsError(
-            f"Timed out waiting for {lock_path}: another process has been downloading {spec.filename} "
+            f"Timed out waiting for {lock_path}: another process has been downloading {filename} "
             "for too long. Remove the lock file if no download is running."
         ) from e
     return dest
 
 
-def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
+def resolve_file(
+    filename: str,
+    url: str,
+    sha256: str,
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    what: str,
+    download: bool | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Find ``filename`` by the weights' resolution order, verified by its pinned SHA-256.
+
+    ``model_dir`` -> ``$NSFW_DASK_MODEL_DIR`` -> the user cache -> a download into the user
+    cache.  A file that fails the check outside the user cache is an error naming it; in the
+    user cache it is replaced by a download.  ``what`` names the file in messages.
+    """
+    searched: list[Path] = []
+    for folder in (model_dir, os.environ.get(ENV_MODEL_DIR) or None):
+        if folder is None:
+            continue
+        folder = Path(folder).expanduser().resolve()
+        searched.append(folder)
+        path = folder / filename
+        if path.is_file():
+            got = sha256_file(path)
+            if got != sha256:
+                raise WeightsIntegrityError(
+                    f"{what} {path} is truncated, corrupted or not LAION's file: sha256 {got}, "
+                    f"expected {sha256}. Delete it and download {url} again."
+                )
+            return path
+    cache = cache_dir()
+    searched.append(cache)
+    if (cache / filename).is_file():
+        if sha256_file(cache / filename) == sha256:
+            return cache / filename
+        logger.warning("%s %s fails its sha256 check; downloading it again", what, cache / filename)
+    if download is None:
+        download = not _offline()
+    where = ", ".join(str(p) for p in searched)
+    how = (f"Copy {filename} (sha256 {sha256}, from {url}) into a folder and set "
+           f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=).")
+    if not download:
+        raise WeightsNotFoundError(f"No {what} in {where}, and downloading is disabled. {how}")
+    try:
+        return fetch_file(filename, url, sha256, cache, timeout=timeout)
+    except WeightsIntegrityError:
+        raise
+    except WeightsError as e:
+        raise WeightsNotFoundError(f"No {what} in {where}, and the download failed: {e}. {how}") from e
+
+
+def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
     # ``timeout`` bounds each socket read; the whole transfer gets a deadline too (a server that
     # trickles bytes would otherwise hold the lock, and every waiting worker, indefinitely).
     deadline = time.monotonic() + max(120.0, 20 * timeout)
@@ -335,10 +408,10 @@ def _download(url: str, dest: Path, spec: ModelSpec, timeout: float) -> None:
             raise WeightsError(f"HTTP {e.code} {e.reason} from {url}") from e
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise WeightsError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
-        if h.hexdigest() != spec.sha256:
+        if h.hexdigest() != sha256:
             raise WeightsIntegrityError(
                 f"Downloaded {url} ({size} bytes) has sha256 {h.hexdigest()}, expected "
-                f"{spec.sha256}; it was not saved. Check the URL or mirror."
+                f"{sha256}; it was not saved. Check the URL or mirror."
             )
         os.chmod(tmp, 0o666 & ~_read_umask())  # mkstemp's 0600 would hide it from other users' workers
         os.replace(tmp, dest)
