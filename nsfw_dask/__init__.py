@@ -15,6 +15,7 @@ from .exceptions import (
     WeightsIntegrityError,
     WeightsNotFoundError,
 )
+from .exact import ExactNSFWModel, load_vocabulary
 from .io import read_embeddings
 from .loading import clear_model_cache, load_model, model_cache_info
 from .models import MODEL_SPECS, ModelSpec, NSFWModel, Normalization
@@ -28,6 +29,7 @@ __all__ = [
     "MODEL_SPECS",
     "EmbeddingColumnError",
     "EmbeddingFormatError",
+    "ExactNSFWModel",
     "ModelSpec",
     "NSFWModel",
     "NSFWModelPlugin",
@@ -42,6 +44,7 @@ __all__ = [
     "clear_model_cache",
     "fetch_weights",
     "load_model",
+    "load_vocabulary",
     "model_cache_info",
     "nsfw_meta",
     "read_embeddings",

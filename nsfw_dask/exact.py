@@ -487,6 +487,7 @@ class CategoricalEncoding(nn.Module):
                 starts[c, : len(items)], ends[c, : len(items)] = arr[:, 0], arr[:, 1]
                 codes[c, : len(items)] = arr[:, 2]
         self.dim = dim
+        self.column_list = list(vocab.columns)  # indexes a tensor on any device
         self.register_buffer("columns", torch.tensor(vocab.columns, dtype=torch.long))
         self.register_buffer("starts", torch.from_numpy(starts))
         self.register_buffer("ends", torch.from_numpy(ends))
@@ -495,7 +496,7 @@ class CategoricalEncoding(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, k)`` float32 vocabulary indices of ``x``'s categorical columns (any float dtype)."""
-        v = x[:, self.columns].t().to(device=self.starts.device, dtype=torch.float64).contiguous()
+        v = x[:, self.column_list].t().to(device=self.starts.device, dtype=torch.float64).contiguous()
         pos = torch.searchsorted(self.starts, v, right=True).sub_(1)
         found = pos >= 0
         pos.clamp_(min=0)
