@@ -422,3 +422,21 @@ def test_cudf_partition_on_cpu(cudf: Any, l14_ref: dict[str, np.ndarray]) -> Non
     got = _check_scored(cudf, out, df)
     np.testing.assert_allclose(got, on_gpu, rtol=0, atol=1e-5, equal_nan=True)
     assert np.isnan(got[5])
+
+
+# ----------------------------------------------------------------------------- exact mode
+
+
+@pytest.mark.parametrize("model", ["vit-l-14", "vit-b-32"])
+def test_exact_mode_matches_keras_on_cuda(cudf: Any, request: pytest.FixtureRequest, model: str) -> None:
+    """``exact=True`` on a cuDF partition: the lookup runs on the GPU; LAION's TF scores ≤ 1e-5."""
+    ref = request.getfixturevalue(REF_FIXTURE[model])
+    x = ref["inputs"]
+    n = len(x)
+    df = _cudf_frame(cudf, _arrow_lists(x), np.arange(n)[::-1])
+    got = _check_scored(cudf, score_nsfw(df, model=model, exact=True), df)
+    np.testing.assert_allclose(got, ref["keras_scores"], rtol=0, atol=1e-5)
+    # and a pandas partition sent to CUDA, batch by batch
+    pdf = _pandas_frame(_arrow_lists(x), np.arange(n))
+    g = score_nsfw(pdf, model=model, exact=True, device="cuda")["nsfw_score"].to_numpy()
+    np.testing.assert_allclose(g, ref["keras_scores"], rtol=0, atol=1e-5)
