@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from typing import Any
 
 import torch
 
@@ -54,6 +55,11 @@ class Runner:
         self.capacity = 0
         self.x_in: torch.Tensor | None = None
         self.x_norm = self.hidden = None  # type: ignore[assignment]
+        # Host -> CUDA staging (a pandas partition scored with device="cuda"): two pinned buffers
+        # used in turn, so the memcpy of batch i+1 into one overlaps the GPU's work on batch i.
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._pinned_done: list[Any] = [None, None]
+        self._slot = 0
 
     def _reserve(self, n: int) -> None:
         if n <= self.capacity:
@@ -62,7 +68,34 @@ class Runner:
         self.x_norm = torch.empty(n, self.dim, **kw)
         self.hidden = [torch.empty(n, w.shape[1], **kw) for w, _ in self.layers]
         self.x_in = None  # allocated only if a batch needs a cast or a move
+        self._pinned = [None, None]
         self.capacity = n
+
+    def _stage_to_cuda(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Copy a CPU batch to ``self.x_in`` through pinned memory, asynchronously (CUDA only).
+
+        ``copy_(non_blocking=True)`` from pageable memory is synchronous; from pinned memory it
+        is queued on the stream, so the host moves on to the next batch while this one computes.
+        A buffer is refilled only after the copy that last read it has finished (a CUDA event).
+        NOT RUN by the authors (no GPU); falls back to a plain copy if pinning fails.
+        """
+        k = self._slot = self._slot ^ 1
+        buf = self._pinned[k]
+        if buf is None or buf.dtype != x.dtype:
+            try:
+                buf = self._pinned[k] = torch.empty(self.capacity, self.dim, dtype=x.dtype, pin_memory=True)
+            except RuntimeError:  # no pinned memory to be had: the synchronous copy
+                return self.x_in[:n].copy_(x)
+            self._pinned_done[k] = None
+        done = self._pinned_done[k]
+        if done is not None:
+            done.synchronize()
+        buf[:n].copy_(x)
+        staged = self.x_in[:n].copy_(buf[:n], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._pinned_done[k] = ev
+        return staged
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``)."""
@@ -72,15 +105,20 @@ class Runner:
         if x.dtype != self.dtype or x.device != self.device:
             if self.x_in is None:
                 self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
-            x = self.x_in[:n].copy_(x, non_blocking=True)
+            if x.device.type == "cpu" and self.device.type == "cuda":
+                x = self._stage_to_cuda(x, n)
+            else:
+                x = self.x_in[:n].copy_(x, non_blocking=True)
         if self.encoding is None:
             h = torch.sub(x, self.mean, out=self.x_norm[:n])
         else:  # exact mode: NaN -> 0 (+-inf kept), then the categorical columns' indices
             h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=self.x_norm[:n])
             h.sub_(self.mean)
         h.div_(self.std)
-        if self.encoding is not None:  # from the input's own precision (float64 stays float64)
-            codes = self.encoding.codes(src).to(self.device)
+        if self.encoding is not None:
+            # '%f' of the input's own value: a float16/32 value is exact in the float32 copy
+            # (already on the device); a float64 one is looked up before rounding.
+            codes = self.encoding.codes(src if src.dtype == torch.float64 else x).to(self.device)
             h[:, self.encoding.columns] = codes.sub_(self.cat_mean).div_(self.cat_std)
         last = len(self.layers) - 1
         for i, (w_t, b) in enumerate(self.layers):
