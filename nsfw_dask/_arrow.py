@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from ._common import choose_column, element_type_error, length_error
+from ._common import choose_column, element_type_error, label_repr, length_error
 from .dispatch import Segment, backend_dispatch
 from .exceptions import EmbeddingColumnError, EmbeddingFormatError
 from .models import ModelSpec
@@ -104,6 +104,7 @@ class PandasBackend:
                 f"Column {column!r} has dtype {s.dtype}; expected an Arrow list of floats "
                 "(read parquet with dtype_backend='pyarrow') or an object column of numpy arrays."
             )
+        _check_lengths(chunks, column, spec, df.index)  # every chunk, before any segment exists
         segments = []
         start = 0
         for chunk in chunks:
@@ -131,6 +132,13 @@ class PandasBackend:
 def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
     """One conversion of an object column (numpy arrays, lists, None) to an Arrow list array."""
     logger.debug("column %r is an object column: one copy to Arrow", column)
+    for pos, v in enumerate(s.array):  # pyarrow would silently turn an integer array into floats
+        if isinstance(v, np.ndarray) and v.dtype.kind != "f":
+            raise EmbeddingFormatError(
+                f"Column {column!r}: row {label_repr(s.index[pos])} holds a numpy array of {v.dtype}, "
+                "not of floats (a quantized or integer embedding is not a CLIP embedding until it "
+                f"is dequantized). {_CAST_FIX}"
+            )
     try:
         arr = pa.array(s.array, from_pandas=True)
     except (pa.ArrowException, TypeError, ValueError) as e:
@@ -143,7 +151,7 @@ def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
             )
         else:
             raise EmbeddingFormatError(
-                f"Column {column!r}: row {s.index[pos]!r} holds {desc}, not a 1-d array of floats "
+                f"Column {column!r}: row {label_repr(s.index[pos])} holds {desc}, not a 1-d array of floats "
                 f"({e}). Store one float32 vector (or None) per row."
             ) from e
     if isinstance(arr, pa.ChunkedArray):
@@ -152,7 +160,7 @@ def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
         return pa.nulls(len(arr), pa.list_(pa.float32()))
     if not _is_list_type(arr.type):
         pos, desc = _first_non_vector(s)
-        where = f" (row {s.index[pos]!r} holds {desc})" if pos is not None else ""
+        where = f" (row {label_repr(s.index[pos])} holds {desc})" if pos is not None else ""
         raise EmbeddingFormatError(
             f"Column {column!r} holds {arr.type} values{where}; expected one array of floats per "
             f"row. {_CAST_FIX}"
@@ -179,6 +187,40 @@ def _strip_validity(values: pa.Array) -> pa.Array:
     """The same buffer without its validity bitmap (zero-copy)."""
     return pa.Array.from_buffers(values.type, len(values), [None, values.buffers()[1]],
                                  offset=values.offset)
+
+
+def _bad_lengths(chunk: pa.Array, dim: int) -> tuple[int, int, int]:
+    """(position of the first non-null row whose length is not ``dim``, its length, how many such
+    rows); ``(-1, 0, 0)`` when every row is right."""
+    t = chunk.type
+    valid = chunk.is_valid().to_numpy(zero_copy_only=False) if chunk.null_count else None
+    if pa.types.is_fixed_size_list(t):
+        if t.list_size == dim or (valid is not None and not valid.any()):
+            return -1, 0, 0
+        pos = 0 if valid is None else int(np.argmax(valid))
+        return pos, t.list_size, len(chunk) if valid is None else int(valid.sum())
+    lengths = np.diff(chunk.offsets.to_numpy(zero_copy_only=False))  # respects the slice
+    bad = lengths != dim
+    if valid is not None:
+        bad &= valid
+    if not bad.any():
+        return -1, 0, 0
+    pos = int(np.argmax(bad))
+    return pos, int(lengths[pos]), int(bad.sum())
+
+
+def _check_lengths(chunks: list[pa.Array], column: Any, spec: ModelSpec, index: pd.Index) -> None:
+    first: tuple[int, int] | None = None
+    total = start = 0
+    for chunk in chunks:
+        if len(chunk) and _is_list_type(chunk.type) and pa.types.is_floating(chunk.type.value_type):
+            pos, got, n_bad = _bad_lengths(chunk, spec.dim)
+            if n_bad and first is None:
+                first = (start + pos, got)
+            total += n_bad
+        start += len(chunk)
+    if first is not None:
+        raise length_error(column, index[first[0]], first[1], spec, total)
 
 
 def _chunk_segment(chunk: pa.Array, start: int, column: Any, spec: ModelSpec,

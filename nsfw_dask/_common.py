@@ -18,10 +18,18 @@ def dim_hint(got: int, spec: ModelSpec) -> str:
     )
 
 
+def label_repr(label: Any) -> str:
+    """A row label as the user wrote it: ``5``, not ``np.int64(5)``."""
+    item = getattr(label, "item", None)
+    if item is not None and type(label).__module__ == "numpy":
+        label = item()
+    return repr(label)
+
+
 def length_error(column: Any, label: Any, got: int, spec: ModelSpec, n_bad: int) -> EmbeddingFormatError:
     more = f" ({n_bad} rows have a wrong length)" if n_bad > 1 else ""
     return EmbeddingFormatError(
-        f"Column {column!r}: row {label!r} has {got} values, expected {spec.dim} for model "
+        f"Column {column!r}: row {label_repr(label)} has {got} values, expected {spec.dim} for model "
         f"{spec.name!r}{more}.{dim_hint(got, spec)}"
     )
 

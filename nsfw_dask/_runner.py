@@ -4,10 +4,9 @@
 which glibc serves with a fresh ``mmap`` and page faults on every batch).  ``Runner`` computes
 the same operations (``(x - mean) / sqrt(variance)``, then ``addmm`` + ``relu_`` per layer,
 ``sigmoid``) into buffers it keeps per thread, so the per-batch cost is the arithmetic alone:
-on the reference set its scores equal NeMo Curator's bit for bit at batch sizes >= 256 (tests),
-and about twice the module's rows/s at batch 1,024 on the 2-core CI machine (README,
-Performance).  Very small batches (a few rows) may round differently in the last bits, as the
-module's own do.
+on the reference set its scores equal NeMo Curator's bit for bit at any batch size (every batch
+is computed as whole 64-row blocks: ``Runner._padded``), and it runs at about twice the module's
+rows/s at batch 1,024 on the 2-core CI machine (README, Performance).
 
 Buffers are sized to the largest batch seen (at most ``batch_size``) and grow on demand; runners
 are kept per thread in a weak mapping keyed by the model, so ``clear_model_cache`` frees them.
@@ -25,7 +24,13 @@ import torch
 from .exact import CategoricalEncoding, ExactNSFWModel
 from .models import NSFWModel
 
-__all__ = ["Runner", "get_runner"]
+__all__ = ["MIN_ROWS", "ROW_BLOCK", "Runner", "get_runner"]
+
+#: Every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
+#: ``MIN_ROWS`` rows, padding the last one (see ``Runner._padded``): measured here, batches of
+#: that shape round exactly like NeMo Curator's at any length and thread count.
+ROW_BLOCK = 64
+MIN_ROWS = 256
 
 _tls = threading.local()
 
@@ -60,6 +65,8 @@ class Runner:
         self._pinned: list[torch.Tensor | None] = [None, None]
         self._pinned_done: list[Any] = [None, None]
         self._slot = 0
+        self._pad: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._pad_out: torch.Tensor | None = None
 
     def _reserve(self, n: int) -> None:
         if n <= self.capacity:
@@ -70,6 +77,32 @@ class Runner:
         self.x_in = None  # allocated only if a batch needs a cast or a move
         self._pinned = [None, None]
         self.capacity = n
+
+    def _padded(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """A batch whose length is not a multiple of ``ROW_BLOCK`` (or is under ``MIN_ROWS``),
+        computed padded to one that is.
+
+        BLAS computes the rows of a GEMM in blocks; rows left over after the last full block,
+        and short matrices, go through other kernels whose sums round differently in the last
+        bits (up to 6e-6 in a score for a 1-row batch, 1e-7 for a tail of a long one), and for
+        some short sizes differently per thread count.  A row's score would then depend on how
+        many rows shared its batch (a partition's tail) and on the worker's threads.  Padded,
+        every row goes through the full-block kernel: scores are bitwise identical whatever the
+        batch size, partitioning or thread count (measured here: MKL sgemm, 2-core AVX2 CPU),
+        at the cost of at most ``ROW_BLOCK - 1`` extra rows per partition.
+        """
+        n = x.shape[0]
+        m = max(MIN_ROWS, -(-n // ROW_BLOCK) * ROW_BLOCK)
+        key = (x.dtype, x.device)
+        pad = self._pad.get(key)
+        if pad is None or pad.shape[0] < m:
+            pad = self._pad[key] = torch.zeros(m, self.dim, dtype=x.dtype, device=x.device)
+        if self._pad_out is None or self._pad_out.shape[0] < m:
+            self._pad_out = torch.empty(m, dtype=torch.float32, device=self.device)
+        pad[:n].copy_(x)
+        pad[n:m].zero_()  # rows are independent; zeros keep the padding cheap and finite
+        self(pad[:m], self._pad_out[:m])
+        out.copy_(self._pad_out[:n])
 
     def _stage_to_cuda(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Copy a CPU batch to ``self.x_in`` through pinned memory, asynchronously (CUDA only).
@@ -100,6 +133,9 @@ class Runner:
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``)."""
         n = x.shape[0]
+        if n and (n < MIN_ROWS or n % ROW_BLOCK):
+            self._padded(x, out)
+            return
         self._reserve(n)
         src = x
         if x.dtype != self.dtype or x.device != self.device:

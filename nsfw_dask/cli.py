@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .exceptions import NsfwDaskError
+from .exceptions import EmbeddingFormatError, NsfwDaskError
 from .models import MODEL_SPECS
 
 logger = logging.getLogger("nsfw_dask.cli")
@@ -244,7 +245,7 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
 
     from .io import is_parquet_npy, read_input
     from .plugin import NSFWModelPlugin
-    from .scoring import nsfw_meta, score_nsfw
+    from .scoring import nsfw_meta
     from .weights import resolve_weights
 
     if _is_url(str(output)):
@@ -281,7 +282,8 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
                            "(is_nsfw is added with --threshold).", 2)
 
     t0 = time.perf_counter()
-    tmp = output.parent / f".{output.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    _remove_stale_partials(output)
+    tmp = output.parent / f".{output.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     output.parent.mkdir(parents=True, exist_ok=True)
     done = False
     futures: list[Any] = []
@@ -292,8 +294,9 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
                 client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir,
                                                        exact=args.exact))
                 meta = nsfw_meta(ddf, column=args.column, score_column=args.score_column)  # column errors here
+                sources = None if npy else _partition_sources(ddf)
                 scored = ddf.map_partitions(
-                    score_nsfw, column=args.column, model=args.model, score_column=args.score_column,
+                    _score_partition, column=args.column, model=args.model, score_column=args.score_column,
                     batch_size=args.batch_size, model_dir=args.model_dir, exact=args.exact, meta=meta,
                     **score_kwargs,
                 )
@@ -317,7 +320,10 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
                 if not args.no_progress and sys.stdout.isatty():
                     progress(futures)
                     print(file=sys.stderr)
-                _, total, nan, over_n, hist_v, kept_rows = client.gather(futures)
+                try:
+                    _, total, nan, over_n, hist_v, kept_rows = client.gather(futures)
+                except EmbeddingFormatError as e:
+                    raise _located(e, sources) from e
                 compute_seconds = time.perf_counter() - t_compute
             except BaseException:
                 if futures:
@@ -334,6 +340,79 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
                    rows_per_s=summary["rows"] / compute_seconds if compute_seconds else float("nan"),
                    rows_written=int(kept_rows), output=str(output), threshold=args.threshold)
     return summary
+
+
+def _remove_stale_partials(output: Path) -> None:
+    """Delete ``.OUTPUT.incomplete-<pid>-*`` folders left by runs that were killed (SIGKILL, OOM).
+
+    Only those whose process is gone: a run still writing next to us is left alone.
+    """
+    pattern = re.compile(re.escape(f".{output.name}.incomplete-") + r"(\d+)-[0-9a-f]+$")
+    try:
+        siblings = list(output.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        m = pattern.match(p.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (or a reused pid): not ours to remove
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        logging.getLogger(__name__).info("removing %s, left by a run that was killed", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _score_partition(df: Any, partition_info: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """``score_nsfw`` on one partition; a bad-row error remembers which partition it came from."""
+    from .scoring import score_nsfw
+
+    try:
+        return score_nsfw(df, **kwargs)
+    except EmbeddingFormatError as e:
+        e.partition = None if partition_info is None else partition_info.get("number")
+        raise
+
+
+def _partition_sources(ddf: Any) -> list[str] | None:
+    """The parquet file (and row groups) behind each partition, where dask tells (best effort).
+
+    dask's ``read_parquet`` numbers each partition's rows from 0, so "row 3" alone does not say
+    where a bad row is; this list, kept on the client, lets the error name the file.
+    """
+    try:
+        for expr in ddf.optimize().expr.walk():
+            plan = getattr(expr, "_plan", None)
+            if isinstance(plan, dict) and "parts" in plan:
+                out = []
+                for part in plan["parts"]:
+                    path, row_groups = part["piece"][0], part["piece"][1]
+                    out.append(str(path) if not row_groups else f"{path} (row groups {list(row_groups)})")
+                return out if len(out) == ddf.npartitions else None
+    except Exception:  # an internal API: never let it break a run
+        return None
+    return None
+
+
+def _located(e: EmbeddingFormatError, sources: list[str] | None) -> Exception:
+    n = getattr(e, "partition", None)
+    if n is None:
+        return e
+    if sources is not None and 0 <= n < len(sources):
+        where = f"in {sources[n]} (partition {n}; row labels count from 0 within each file or piece)"
+    else:
+        where = f"in partition {n} of INPUT (row labels count from 0 within each parquet file or piece)"
+    return CLIError(f"{e} [{where}]")
+
+
+def _cli_hints(message: str) -> str:
+    """Our library messages suggest ``column=``; on the command line the fix is ``--column``."""
+    message = re.sub(r"score_nsfw\(df, column=('[^']*'|\"[^\"]*\")\)", r"--column \1", message)
+    return message.replace("pass column=", "pass --column").replace("Pass column=", "Pass --column")
 
 
 def _check_gpu() -> None:
@@ -498,14 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, NsfwDaskError, FileNotFoundError, FileExistsError) as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"nsfw-dask: error: {e}", file=sys.stderr)
+        print(f"nsfw-dask: error: {_cli_hints(str(e))}", file=sys.stderr)
         return getattr(e, "code", 1)
     except Exception as e:  # anything else: still one line unless --verbose
         cause = _our_cause(e)
         if cause is not None:  # e.g. dask's "Metadata inference failed" wrapping our error
             if args.verbose:
                 traceback.print_exc()
-            print(f"nsfw-dask: error: {cause}", file=sys.stderr)
+            print(f"nsfw-dask: error: {_cli_hints(str(cause))}", file=sys.stderr)
             return 1
         if args.verbose:
             traceback.print_exc()

@@ -223,16 +223,18 @@ def resolve_weights(
             return info
     cache = cache_dir()
     searched.append(cache)
+    if download is None:
+        download = not _offline()
+    refused = ""
     try:
         info = _search(spec, cache)
     except WeightsIntegrityError as e:
-        logger.warning("%s; downloading it again", e)
+        logger.warning("%s%s", e, "; downloading it again" if download else "")
+        refused = f" ({e})"
         info = None
     if info is not None:
         return info
-    if download is None:
-        download = not _offline()
-    where = ", ".join(str(p) for p in searched)
+    where = ", ".join(str(p) for p in searched) + refused
     how = (
         f"Copy {spec.filename} (sha256 {spec.sha256}, from {spec.url}) into a folder and set "
         f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=)."
@@ -362,13 +364,17 @@ def resolve_file(
             return path
     cache = cache_dir()
     searched.append(cache)
-    if (cache / filename).is_file():
-        if sha256_file(cache / filename) == sha256:
-            return cache / filename
-        logger.warning("%s %s fails its sha256 check; downloading it again", what, cache / filename)
     if download is None:
         download = not _offline()
-    where = ", ".join(str(p) for p in searched)
+    refused = ""
+    if (cache / filename).is_file():
+        got = sha256_file(cache / filename)
+        if got == sha256:
+            return cache / filename
+        refused = (f" ({cache / filename} is there but was refused: sha256 {got}, expected {sha256}; "
+                   "it is truncated or corrupted)")
+        logger.warning("%s%s", refused.strip(" ()"), "; downloading it again" if download else "")
+    where = ", ".join(str(p) for p in searched) + refused
     how = (f"Copy {filename} (sha256 {sha256}, from {url}) into a folder and set "
            f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=).")
     if not download:
