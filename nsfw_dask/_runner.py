@@ -38,8 +38,15 @@ _tls = threading.local()
 class Runner:
     """Buffers and pre-transposed weights for one model on one device, in one thread."""
 
-    def __init__(self, model: NSFWModel | ExactNSFWModel, device: torch.device) -> None:
+    def __init__(self, model: NSFWModel | ExactNSFWModel, device: torch.device, *,
+                 impute_eagerly: bool | None = None) -> None:
+        self.model = model
         self.encoding: CategoricalEncoding | None = None
+        # Exact mode's NaN -> 0: on CUDA an extra elementwise pass on every batch (no host sync);
+        # on CPU only for the rows whose score came out NaN (a NaN input always gives a NaN
+        # score), recomputed by a second runner that imputes: no pass over clean data.
+        self.impute_eagerly = device.type != "cpu" if impute_eagerly is None else impute_eagerly
+        self._imputer: Runner | None = None
         if isinstance(model, ExactNSFWModel):
             self.encoding = model.encoding.to(device)
             model = model.head
@@ -78,7 +85,7 @@ class Runner:
         self._pinned = [None, None]
         self.capacity = n
 
-    def _padded(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _padded(self, x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         """A batch whose length is not a multiple of ``ROW_BLOCK`` (or is under ``MIN_ROWS``),
         computed padded to one that is.
 
@@ -101,8 +108,11 @@ class Runner:
             self._pad_out = torch.empty(m, dtype=torch.float32, device=self.device)
         pad[:n].copy_(x)
         pad[n:m].zero_()  # rows are independent; zeros keep the padding cheap and finite
-        self(pad[:m], self._pad_out[:m])
-        out.copy_(self._pad_out[:n])
+        if codes is not None:
+            codes = torch.cat([codes, codes.new_zeros(m - n, codes.shape[1])])
+        pad_out = self._pad_out[:m]
+        self(pad[:m], pad_out, codes)
+        out.copy_(pad_out[:n])
 
     def _stage_to_cuda(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Copy a CPU batch to ``self.x_in`` through pinned memory, asynchronously (CUDA only).
@@ -130,11 +140,23 @@ class Runner:
         self._pinned_done[k] = ev
         return staged
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``)."""
+    def codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Exact mode: ``(n, k)`` vocabulary indices of ``x``'s categorical columns (else None).
+
+        From the input's own values (a float64 one is looked up before any rounding); computed
+        for many batches at once by ``score_tensor``, so the lookup's per-call overhead is paid
+        once per chunk of rows rather than per batch.
+        """
+        return None if self.encoding is None else self.encoding.codes(x)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+        """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``).
+
+        ``codes``: exact mode's ``self.codes(x)``, if already computed.
+        """
         n = x.shape[0]
         if n and (n < MIN_ROWS or n % ROW_BLOCK):
-            self._padded(x, out)
+            self._padded(x, out, codes)
             return
         self._reserve(n)
         src = x
@@ -145,17 +167,18 @@ class Runner:
                 x = self._stage_to_cuda(x, n)
             else:
                 x = self.x_in[:n].copy_(x, non_blocking=True)
-        if self.encoding is None:
-            h = torch.sub(x, self.mean, out=self.x_norm[:n])
-        else:  # exact mode: NaN -> 0 (+-inf kept), then the categorical columns' indices
+        enc = self.encoding
+        if enc is not None and self.impute_eagerly:  # exact mode: NaN -> 0 (+-inf kept)
             h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=self.x_norm[:n])
             h.sub_(self.mean)
+        else:
+            h = torch.sub(x, self.mean, out=self.x_norm[:n])
         h.div_(self.std)
-        if self.encoding is not None:
-            # '%f' of the input's own value: a float16/32 value is exact in the float32 copy
-            # (already on the device); a float64 one is looked up before rounding.
-            codes = self.encoding.codes(src if src.dtype == torch.float64 else x).to(self.device)
-            h[:, self.encoding.columns] = codes.sub_(self.cat_mean).div_(self.cat_std)
+        if enc is not None:  # the categorical columns: their vocabulary indices, normalized
+            if codes is None:
+                codes = enc.codes(src)
+            codes = codes.to(device=self.device, dtype=self.dtype)
+            h[:, enc.columns] = torch.sub(codes, self.cat_mean).div_(self.cat_std)
         last = len(self.layers) - 1
         for i, (w_t, b) in enumerate(self.layers):
             h = torch.addmm(b, h, w_t, out=self.hidden[i][:n])
@@ -166,6 +189,15 @@ class Runner:
             torch.sigmoid(h, out=out)
         else:
             out.copy_(h.sigmoid_())
+        if enc is not None and not self.impute_eagerly:
+            nan = torch.isnan(out)
+            if bool(nan.any()):  # rows with a NaN input: again, imputing (or NaN/inf for real)
+                rows = nan.nonzero().view(-1)
+                if self._imputer is None:
+                    self._imputer = Runner(self.model, self.device, impute_eagerly=True)
+                fixed = torch.empty(len(rows), dtype=out.dtype, device=out.device)
+                self._imputer(src[rows.to(src.device)], fixed, None if codes is None else codes[rows])
+                out[rows] = fixed
 
 
 def get_runner(model: NSFWModel | ExactNSFWModel, device: torch.device) -> Runner:

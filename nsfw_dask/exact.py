@@ -494,9 +494,21 @@ class CategoricalEncoding(nn.Module):
         self.register_buffer("codes_table", torch.from_numpy(codes))
         self.register_buffer("zero_codes", torch.from_numpy(zero))
 
+    def _gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``(k, n)`` float64 copy of the categorical columns (column views, stacked: cheaper than
+        advanced indexing on a row-major matrix)."""
+        v = torch.stack([x[:, c] for c in self.column_list])
+        return v.to(device=self.starts.device, dtype=torch.float64)
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, k)`` float32 vocabulary indices of ``x``'s categorical columns (any float dtype)."""
-        v = x[:, self.column_list].t().to(device=self.starts.device, dtype=torch.float64).contiguous()
+        return self._codes_searchsorted(self._gather_columns(x))
+
+    def _codes_searchsorted(self, v: torch.Tensor) -> torch.Tensor:
+        """A binary search over the sorted intervals (``v`` is ``(k, n)``), then containment.
+
+        (A direct-address table on ``round(x * 1e6)`` was tried: no faster on CPU, measured.)
+        """
         pos = torch.searchsorted(self.starts, v, right=True).sub_(1)
         found = pos >= 0
         pos.clamp_(min=0)

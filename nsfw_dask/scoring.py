@@ -69,9 +69,22 @@ def score_tensor(
     bs = min(batch_size, n)
     runner = get_runner(model, device)
     with torch.inference_mode():
-        for i in range(0, n, bs):
-            runner(emb[i : i + bs], out[i : i + bs])
+        if runner.encoding is None:
+            for i in range(0, n, bs):
+                runner(emb[i : i + bs], out[i : i + bs])
+            return out
+        # exact mode: the vocabulary lookup for a chunk of batches at once (bounded memory)
+        chunk = bs * max(1, _EXACT_CHUNK_ROWS // bs)
+        for c in range(0, n, chunk):
+            part = emb[c : c + chunk]
+            codes = runner.codes(part)
+            for i in range(0, part.shape[0], bs):
+                runner(part[i : i + bs], out[c + i : c + i + bs], codes[i : i + bs])
     return out
+
+
+#: Exact mode looks up the categorical columns of up to this many rows at once (a few MB).
+_EXACT_CHUNK_ROWS = 65_536
 
 
 def _score_segments(model: torch.nn.Module, segments: list[Segment], n: int, *,

@@ -328,3 +328,24 @@ def test_cli_exact(tmp_path: Path, head: dict) -> None:
     got = pd.read_parquet(out, dtype_backend="pyarrow").sort_values("id")
     np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(n))
     _assert_matches_keras(got["nsfw_score"].to_numpy(), head["keras"][:n])
+
+
+def test_lazy_and_eager_nan_imputation_agree(head: dict) -> None:
+    """CPU imputes NaN only for rows whose score came out NaN; CUDA imputes every batch.  Both
+    paths (run here on the CPU) give the same bits, on rows with NaN in any column."""
+    from nsfw_dask._runner import Runner
+
+    model = nsfw_dask.load_model(head["model"], exact=True)
+    x = torch.from_numpy(head["x"]).clone()
+    x[::97, 5] = float("nan")  # NaN in a numeric column of every 97th row
+    cpu = torch.device("cpu")
+    lazy, eager = Runner(model, cpu), Runner(model, cpu, impute_eagerly=True)
+    assert not lazy.impute_eagerly and eager.impute_eagerly
+    a, b = torch.empty(len(x)), torch.empty(len(x))
+    with torch.inference_mode():
+        for i in range(0, len(x), 512):
+            lazy(x[i : i + 512], a[i : i + 512])
+            eager(x[i : i + 512], b[i : i + 512])
+    assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
+    assert not a[::97].isnan().any()  # a NaN value counts as 0: those rows are scored
