@@ -62,3 +62,16 @@ def test_plugin_preloads_every_worker(client, l14_ref):
 def test_plugin_validates_on_client():
     with pytest.raises(ValueError, match="vit-l-14"):
         NSFWModelPlugin("vit-h-14")
+
+
+def test_torch_threads_follow_the_worker_budget(client, l14_ref):
+    """Issue 4, target 4: no oversubscription.  A nanny starts each worker process with
+    OMP_NUM_THREADS=1 (distributed's ``nanny.pre-spawn-environ``), so torch runs one intra-op
+    thread per Dask thread: 2 processes x 2 threads use 4 threads, not 4 x 2."""
+    import torch
+
+    ddf = dd.from_pandas(_frame(l14_ref["inputs"][:512]), npartitions=4)
+    ddf.map_partitions(score_nsfw).compute()
+    assert set(client.run(torch.get_num_threads).values()) == {1}
+    in_task = client.submit(torch.get_num_threads, pure=False).result()
+    assert in_task == 1
