@@ -349,3 +349,54 @@ def test_lazy_and_eager_nan_imputation_agree(head: dict) -> None:
     assert torch.equal(a.isnan(), b.isnan())
     assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
     assert not a[::97].isnan().any()  # a NaN value counts as 0: those rows are scored
+
+
+def test_savedmodel_zip_download_is_verified(tmp_path: Path, monkeypatch) -> None:
+    """The zip comes through the weights' machinery: downloaded once into the user cache,
+    SHA-256 checked (a wrong file is never saved), then found without the network."""
+    import functools
+    import http.server
+    import threading
+
+    from nsfw_dask.weights import resolve_file
+
+    assert WEIGHTS_DIR is not None
+    keras = MODEL_SPECS["vit-b-32"].keras
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(WEIGHTS_DIR / keras.filename, served / keras.filename)
+    (served / "wrong.zip").write_bytes(b"not the zip")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NSFW_DASK_CACHE_DIR", str(cache))
+    monkeypatch.delenv("NSFW_DASK_MODEL_DIR", raising=False)
+    try:
+        with pytest.raises(WeightsIntegrityError, match="sha256"):
+            resolve_file(keras.filename, f"{base}/wrong.zip", keras.sha256, what="zip", download=True)
+        assert not (cache / keras.filename).exists() and not list(cache.glob("*.part"))
+        path = resolve_file(keras.filename, f"{base}/{keras.filename}", keras.sha256, what="zip", download=True)
+        assert path == cache / keras.filename
+        assert read_savedmodel_vocabulary(path).columns == keras.columns
+        httpd.shutdown()
+        again = resolve_file(keras.filename, f"{base}/{keras.filename}", keras.sha256, what="zip", download=False)
+        assert again == path  # from the cache, offline
+    finally:
+        httpd.server_close()
+
+
+def test_cli_fetch_weights_exact_caches_the_vocabulary(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "NSFW_DASK_CACHE_DIR": str(tmp_path / "cache"), "NSFW_DASK_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "nsfw_dask", "fetch-weights", "--exact", "--model", "vit-b-32"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[0].endswith("clip_ViT-B-32_openai_binary_nsfw_head.pth")
+    assert lines[1].endswith("clip_autokeras_nsfw_b32.zip")
+    cached = tmp_path / "cache" / "clip_autokeras_nsfw_b32.vocab.json"
+    assert json.loads(cached.read_text())["digest"] == MODEL_SPECS["vit-b-32"].keras.vocab_digest
