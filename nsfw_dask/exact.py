@@ -41,7 +41,7 @@ from torch import nn
 
 from .exceptions import WeightsIntegrityError
 from .models import KerasSpec, ModelSpec, NSFWModel, get_spec
-from .weights import ENV_MODEL_DIR, _read_umask, cache_dir, resolve_file
+from .weights import _read_umask, cache_dir, resolve_file, search_folders
 
 __all__ = [
     "CategoricalEncoding",
@@ -353,8 +353,7 @@ def load_vocabulary(
     keras = spec.keras
     if keras is None:  # pragma: no cover - every shipped head has one
         raise ValueError(f"Model {spec.name!r} has no original SavedModel to reproduce")
-    folders = [Path(p).expanduser().resolve() for p in (model_dir, os.environ.get(ENV_MODEL_DIR)) if p]
-    folders.append(cache_dir().resolve())
+    folders = search_folders(model_dir) + [cache_dir().resolve()]
     key = (spec.name, tuple(str(f) for f in folders))
     with _vocab_lock:
         vocab = _vocab_cache.get(key)

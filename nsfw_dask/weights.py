@@ -90,6 +90,11 @@ def cache_dir() -> Path:
     return Path(base) / "nsfw_dask"
 
 
+def search_folders(model_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The folders searched before the user cache: ``model_dir``, then ``$NSFW_DASK_MODEL_DIR``."""
+    return [Path(f).expanduser().resolve() for f in (model_dir, os.environ.get(ENV_MODEL_DIR)) if f]
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -213,10 +218,7 @@ def resolve_weights(
     """
     spec = get_spec(model)
     searched: list[Path] = []
-    for folder in (model_dir, os.environ.get(ENV_MODEL_DIR) or None):
-        if folder is None:
-            continue
-        folder = Path(folder).expanduser().resolve()
+    for folder in search_folders(model_dir):
         searched.append(folder)
         info = _search(spec, folder)
         if info is not None:
@@ -348,10 +350,7 @@ def resolve_file(
     user cache it is replaced by a download.  ``what`` names the file in messages.
     """
     searched: list[Path] = []
-    for folder in (model_dir, os.environ.get(ENV_MODEL_DIR) or None):
-        if folder is None:
-            continue
-        folder = Path(folder).expanduser().resolve()
+    for folder in search_folders(model_dir):
         searched.append(folder)
         path = folder / filename
         if path.is_file():
