@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -136,21 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- helpers
 
 
+_interrupted = threading.Event()
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Make SIGTERM unwind like Ctrl-C, so clean-up (temporary output) runs."""
+    """Make SIGTERM unwind like Ctrl-C, so clean-up (temporary output) runs.
+
+    Both signals also set ``_interrupted``: library code on the way (dask's client, the event
+    loop) may catch the KeyboardInterrupt, and a run that was interrupted must still not put
+    its output in place (``_run_score`` checks the flag before the final rename).
+    """
     def handler(signum: int, frame: Any) -> None:
+        _interrupted.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
+    _interrupted.clear()
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 @contextlib.contextmanager
@@ -329,6 +341,8 @@ def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[
                 if futures:
                     client.cancel(futures)
                 raise
+        if _interrupted.is_set():  # a signal whose KeyboardInterrupt was swallowed on the way
+            raise KeyboardInterrupt("interrupted")
         _swap_into_place(tmp, output, args.overwrite)
         done = True
     finally:
