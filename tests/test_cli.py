@@ -143,7 +143,7 @@ def test_missing_input_error(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, l14_ref, sig):
     path = tmp_path / "big.parquet"
-    x = np.tile(l14_ref["inputs"], (4, 1))  # 10,768 rows scored one row per batch: a few seconds
+    x = np.tile(l14_ref["inputs"], (4, 1))  # 10,768 rows, one row per (256-row padded) batch: ~20 s
     write_parquet(path, x, row_group_size=1000)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "nsfw_dask", "score", str(path), str(out),
