@@ -354,38 +354,30 @@ def test_lazy_and_eager_nan_imputation_agree(head: dict) -> None:
 def test_savedmodel_zip_download_is_verified(tmp_path: Path, monkeypatch) -> None:
     """The zip comes through the weights' machinery: downloaded once into the user cache,
     SHA-256 checked (a wrong file is never saved), then found without the network."""
-    import functools
-    import http.server
-    import threading
+    from _http import LocalServer
 
     from nsfw_dask.weights import resolve_file
 
     assert WEIGHTS_DIR is not None
     keras = MODEL_SPECS["vit-b-32"].keras
-    served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(WEIGHTS_DIR / keras.filename, served / keras.filename)
-    (served / "wrong.zip").write_bytes(b"not the zip")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    srv = LocalServer().start()
+    good = srv.serve(f"/{keras.filename}", body=(WEIGHTS_DIR / keras.filename).read_bytes())
+    wrong = srv.serve("/wrong.zip", body=b"not the zip")
     cache = tmp_path / "cache"
     monkeypatch.setenv("NSFW_DASK_CACHE_DIR", str(cache))
     monkeypatch.delenv("NSFW_DASK_MODEL_DIR", raising=False)
     try:
         with pytest.raises(WeightsIntegrityError, match="sha256"):
-            resolve_file(keras.filename, f"{base}/wrong.zip", keras.sha256, what="zip", download=True)
+            resolve_file(keras.filename, wrong, keras.sha256, what="zip", download=True)
         assert not (cache / keras.filename).exists() and not list(cache.glob("*.part"))
-        path = resolve_file(keras.filename, f"{base}/{keras.filename}", keras.sha256, what="zip", download=True)
+        path = resolve_file(keras.filename, good, keras.sha256, what="zip", download=True)
         assert path == cache / keras.filename
         assert read_savedmodel_vocabulary(path).columns == keras.columns
-        httpd.shutdown()
-        again = resolve_file(keras.filename, f"{base}/{keras.filename}", keras.sha256, what="zip", download=False)
-        assert again == path  # from the cache, offline
+        assert srv.hits[f"/{keras.filename}"] == 1
+        again = resolve_file(keras.filename, good, keras.sha256, what="zip", download=False)
+        assert again == path and srv.hits[f"/{keras.filename}"] == 1  # from the cache, offline
     finally:
-        httpd.server_close()
+        srv.stop()
 
 
 def test_cli_fetch_weights_exact_caches_the_vocabulary(tmp_path: Path) -> None:

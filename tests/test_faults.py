@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import json
 import os
@@ -68,8 +67,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -95,6 +92,8 @@ from nsfw_dask import (
     resolve_weights,
     score_nsfw,
 )
+
+from _http import LocalServer, loopback_only
 
 pytestmark = pytest.mark.weights
 
@@ -196,58 +195,13 @@ def bad_bytes(request, l14_bytes: bytes, b32_bytes: bytes) -> bytes:
     return data
 
 
-class LocalServer:
-    """Serves ``body`` at ``/l14.pth`` on 127.0.0.1, in chunks with pauses; counts GETs."""
-
-    def __init__(self, body: bytes, chunk: int = 0, chunk_sleep: float = 0.0) -> None:
-        self.hits = 0
-        self.spans: list[tuple[float, float]] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                t0 = time.monotonic()
-                server.hits += 1
-                if self.path != "/l14.pth":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                step = chunk or len(body)
-                try:
-                    for i in range(0, len(body), step):
-                        self.wfile.write(body[i : i + step])
-                        self.wfile.flush()
-                        if chunk_sleep:
-                            time.sleep(chunk_sleep)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                server.spans.append((t0, time.monotonic()))
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
-        host, port = self.httpd.server_address[:2]
-        self.url = f"http://{host}:{port}/l14.pth"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture
 def serve_good(l14_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalServer]:
     """LAION's L/14 file on a local server, and the pinned URL pointed at it."""
-    srv = LocalServer(l14_bytes)
-    monkeypatch.setitem(nsfw_dask.models.MODEL_SPECS, "vit-l-14", dataclasses.replace(L14, url=srv.url))
-    assert nsfw_dask.weights.get_spec("vit-l-14").url == srv.url
+    srv = LocalServer().start()
+    url = srv.serve("/l14.pth", body=l14_bytes)
+    monkeypatch.setitem(nsfw_dask.models.MODEL_SPECS, "vit-l-14", dataclasses.replace(L14, url=url))
+    assert nsfw_dask.weights.get_spec("vit-l-14").url == url
     try:
         yield srv
     finally:
@@ -257,14 +211,7 @@ def serve_good(l14_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lo
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any download from a host other than 127.0.0.1 fails the test instead of leaving the machine."""
-    real = urllib.request.urlopen
-
-    def guarded(req, *args, **kwargs):  # type: ignore[no-untyped-def]
-        url = req.full_url if isinstance(req, urllib.request.Request) else str(req)
-        assert urllib.parse.urlsplit(url).hostname == "127.0.0.1", f"a test tried to download {url}"
-        return real(req, *args, **kwargs)
-
-    monkeypatch.setattr(urllib.request, "urlopen", guarded)
+    loopback_only(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
@@ -343,7 +290,7 @@ def test_bad_weights_in_model_dir_or_env_dir_are_refused(
 
     assert torch_loads == [], "torch.load was called"
     assert model_cache_info()["loads"] == 0
-    assert serve_good.hits == 0
+    assert serve_good.hits["/l14.pth"] == 0
     assert bad.read_bytes() == bad_bytes and bad.stat().st_mtime_ns == mtime
     assert names(bad.parent) == {L14.filename}
 
@@ -359,13 +306,13 @@ def test_bad_weights_in_user_cache_online_are_replaced(
     x = l14_ref["inputs"][:300]
     out = score_nsfw(small_frame(x))
     np.testing.assert_allclose(out["nsfw_score"].to_numpy(), l14_ref["nemo_scores"][:300], rtol=0, atol=1e-6)
-    assert serve_good.hits == 1
+    assert serve_good.hits["/l14.pth"] == 1
     assert bad.read_bytes() == l14_bytes
     assert names(cache) == {L14.filename, LOCK}
     assert torch_loads and set(torch_loads) == {L14.sha256}, torch_loads
     assert model_cache_info()["loads"] == 1
     score_nsfw(small_frame(x[:10]))  # no second download, no second load
-    assert serve_good.hits == 1 and model_cache_info()["loads"] == 1
+    assert serve_good.hits["/l14.pth"] == 1 and model_cache_info()["loads"] == 1
 
 
 def test_bad_weights_in_user_cache_offline_are_a_clear_error(
@@ -428,7 +375,8 @@ def test_processes_replacing_a_corrupt_cached_file_download_once(tmp_path: Path,
     old = retensored(l14_bytes)  # loadable, wrong: the worst thing to leave in a cache
     target = put(cache, old)
     # ~27 chunks x 60 ms: the download lasts about 1.6 s, so the processes overlap it.
-    srv = LocalServer(l14_bytes, chunk=32 * 1024, chunk_sleep=0.06)
+    srv = LocalServer().start()
+    url = srv.serve("/l14.pth", body=l14_bytes, chunk=32 * 1024, chunk_sleep=0.06)
     sync = tmp_path / "sync"
     sync.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "NSFW_DASK_MODEL_DIR"}
@@ -459,7 +407,7 @@ def test_processes_replacing_a_corrupt_cached_file_download_once(tmp_path: Path,
                     bad.append(f"unexpected file {name}")
             time.sleep(0.002)
 
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD_LOAD, str(sync / f"ready{i}"), str(sync / "go"), srv.url],
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD_LOAD, str(sync / f"ready{i}"), str(sync / "go"), url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
              for i in range(n)]
     watcher = threading.Thread(target=watch, daemon=True)
@@ -485,7 +433,7 @@ def test_processes_replacing_a_corrupt_cached_file_download_once(tmp_path: Path,
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert srv.hits == 1
+    assert srv.hits["/l14.pth"] == 1
     for r in results:
         assert r["path"] == str(target)
         assert r["loads"] == 1
