@@ -10,9 +10,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .exceptions import EmbeddingFormatError, WeightsIntegrityError
-from .loading import load_model, resolve_device
 from .exact import ExactNSFWModel
+from .exceptions import (
+    EmbeddingFormatError,
+    WeightsIntegrityError,
+    WeightsNotFoundError,
+)
+from .loading import load_model, resolve_device
 from .models import NSFWModel, get_spec
 from .scoring import DEFAULT_BATCH_SIZE, score_tensor
 from .weights import _search, fetch_file, fetch_weights
@@ -78,9 +82,13 @@ class NSFWScorer:
                                  exact: bool = False) -> Path:
         """Make sure ``model_dir`` holds verified weights, downloading LAION's file if needed.
 
-        Safe to call from every process of a node at once (one download, atomic rename).
-        Returns the path of the verified ``.pth``.  ``exact=True`` also fetches LAION's original
-        SavedModel zip (for the vocabularies of ``exact=True``) into ``model_dir``.
+        A verified copy already on this machine (``$NSFW_DASK_MODEL_DIR``, the user cache) is
+        copied into ``model_dir`` instead of downloaded, so this works offline where ``score``
+        would find the weights.  Safe to call from every process of a node at once (one
+        download, atomic rename).  Returns the path of the verified ``.pth``.  ``exact=True`` also
+        fetches LAION's original SavedModel zip (for the vocabularies of ``exact=True``) into
+        ``model_dir``.  Without a copy and without a network: ``WeightsNotFoundError``, one line
+        with the fix, and ``model_dir`` left as it was.
         """
         spec = get_spec(model)
         folder = Path(model_dir).expanduser()
@@ -90,7 +98,13 @@ class NSFWScorer:
             found = _search(spec, folder)
         except WeightsIntegrityError as e:  # truncated/tampered: download it again
             logger.warning("%s; downloading it again", e)
-            return fetch_weights(spec, folder, force=True)
+            try:
+                return fetch_weights(spec, folder, force=True)
+            except WeightsNotFoundError as unreachable:  # no network: a verified local copy will do
+                try:
+                    return fetch_weights(spec, folder)
+                except WeightsNotFoundError:
+                    raise unreachable from None
         return found.path if found is not None else fetch_weights(spec, folder)
 
     def setup(self) -> None:

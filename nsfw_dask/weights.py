@@ -11,19 +11,30 @@ fails is never used: in the user cache it is replaced by a fresh download, anywh
 error naming the file.  Downloads stream to a temporary file in the target folder, are checked,
 then renamed into place atomically, under a file lock so that many worker processes on one node
 download once.
+
+Asked to put the weights into a folder (:func:`fetch_weights`, ``nsfw-dask fetch-weights
+--model-dir D``, ``NSFWScorer.download_weights_on_node``), a verified copy already on this machine
+(``$NSFW_DASK_MODEL_DIR`` or the user cache) is copied there, without the network.  When the server
+cannot be reached, the error is one line naming the file, the URL, the cause and the fix, and the
+target folder is left as it was (no lock file, no temporary file, not even the folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
-import time
 import logging
 import os
+import shlex
+import socket
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,6 +261,8 @@ def resolve_weights(
         path = fetch_weights(spec, cache, timeout=timeout)
     except WeightsIntegrityError:
         raise
+    except WeightsNotFoundError as e:  # the server could not be reached: the message has the fix
+        raise WeightsNotFoundError(f"No weights for {spec.name} ({spec.clip_model}) in {where}. {e}") from e
     except WeightsError as e:
         raise WeightsNotFoundError(
             f"No weights for {spec.name} ({spec.clip_model}) in {where}, and the download failed: "
@@ -266,17 +279,21 @@ def fetch_weights(
     timeout: float = 60.0,
     force: bool = False,
 ) -> Path:
-    """Download LAION's weights for ``model`` into ``model_dir`` (default: the user cache).
+    """Put verified LAION weights for ``model`` into ``model_dir`` (default: the user cache).
 
-    The file is streamed to a temporary file in ``model_dir``, its SHA-256 checked against the
+    An existing verified file there is reused unless ``force``.  Otherwise, unless ``force`` or
+    ``url`` is given, a verified copy elsewhere on this machine (``$NSFW_DASK_MODEL_DIR``, the user
+    cache; LAION's bytes, checked by SHA-256) is copied in, without the network.  Otherwise the file
+    is downloaded: streamed to a temporary file in ``model_dir``, its SHA-256 checked against the
     pinned value, then renamed into place; a file lock makes concurrent callers (several worker
-    processes on one node) download once.  An existing verified file is reused unless ``force``.
+    processes on one node) download once.  ``NSFW_DASK_OFFLINE`` does not apply here: this call
+    is an explicit request to download.
 
     Parameters
     ----------
     model : {"vit-l-14", "vit-b-32"}
     model_dir : path, optional
-        Target folder, created if needed.
+        Target folder, created if needed (not when the server cannot be reached).
     url : str, optional
         A mirror to download from instead of the pinned LAION URL; the pinned SHA-256 still applies.
     timeout : float
@@ -289,13 +306,26 @@ def fetch_weights(
     pathlib.Path
         The verified file.
 
+    Raises
+    ------
+    WeightsNotFoundError
+        The server could not be reached (no network, DNS failure, connection refused or timed
+        out); one line naming the file, the URL, the cause and the fix.  ``model_dir`` is left as
+        it was.
+    WeightsIntegrityError
+        The downloaded bytes are not LAION's file.
+    WeightsError
+        Any other download failure (an HTTP error, a transfer cut short).
+
     Examples
     --------
     >>> from nsfw_dask import fetch_weights
     >>> path = fetch_weights("vit-l-14", "/data/models")  # doctest: +SKIP
     """
     spec = get_spec(model)
-    return fetch_file(spec.filename, url or spec.url, spec.sha256, model_dir, timeout=timeout, force=force)
+    copy_from = [] if (force or url) else _local_copies([spec.filename, *spec.alias_paths])
+    return _fetch(spec.filename, url or spec.url, spec.sha256, model_dir, timeout=timeout, force=force,
+                  copy_from=copy_from, model=spec.name)
 
 
 def fetch_file(
@@ -306,31 +336,190 @@ def fetch_file(
     *,
     timeout: float = 60.0,
     force: bool = False,
+    copy_from: Iterable[str | os.PathLike[str]] | None = None,
 ) -> Path:
-    """Download ``url`` to ``folder/filename`` (default folder: the user cache), verified.
+    """Put ``folder/filename`` (default folder: the user cache) in place, verified by ``sha256``.
 
     The machinery behind :func:`fetch_weights`, shared by every pinned file (the ``.pth`` heads
-    and LAION's original SavedModel zips): a file lock, a temporary file in ``folder``, the
-    SHA-256 check, an atomic rename.  An existing file with the right SHA-256 is reused unless
-    ``force``.
+    and LAION's original SavedModel zips).  An existing file with the right SHA-256 is reused
+    unless ``force``.  Otherwise the first of ``copy_from`` (default, unless ``force``: ``filename``
+    in ``$NSFW_DASK_MODEL_DIR`` and in the user cache) with the right SHA-256 is copied in, without
+    the network.  Otherwise ``url`` is downloaded: a file lock, a temporary file in ``folder``, the
+    SHA-256 check, an atomic rename.  A server that cannot be reached is a
+    :class:`WeightsNotFoundError` with the fix, and ``folder`` is left as it was.
     """
+    if copy_from is None:
+        copy_from = [] if force else _local_copies([filename])
+    return _fetch(filename, url, sha256, folder, timeout=timeout, force=force, copy_from=copy_from)
+
+
+def _local_copies(names: list[str]) -> list[Path]:
+    """Where a verified copy of a file may already be on this machine: ``$NSFW_DASK_MODEL_DIR``,
+    then the user cache (each under every name in ``names``)."""
+    return [folder / name for folder in [*search_folders(None), cache_dir()] for name in names]
+
+
+def _fetch(
+    filename: str,
+    url: str,
+    sha256: str,
+    folder: str | os.PathLike[str] | None,
+    *,
+    timeout: float,
+    force: bool,
+    copy_from: Iterable[str | os.PathLike[str]],
+    model: str | None = None,
+) -> Path:
     target = (Path(folder).expanduser() if folder is not None else cache_dir()).resolve()
-    target.mkdir(parents=True, exist_ok=True)
     dest = target / filename
-    lock_path = target / f".{filename}.lock"
+    # 1. Already there.  No lock needed: a file appears at ``dest`` only by an atomic rename of a
+    #    verified file, so one that verifies now is complete.
+    if not force and dest.is_file() and sha256_file(dest) == sha256:
+        return dest
+    # 2. A verified copy elsewhere on this machine: copy it, no network.
+    if not force:
+        for src in copy_from:
+            src = Path(src).expanduser()
+            try:
+                if src.resolve() == dest or not src.is_file() or sha256_file(src) != sha256:
+                    continue
+            except OSError:
+                continue
+            return _copy_into(src, dest, sha256, timeout=timeout)
+    # 3. A download.  Check first that the server (or the proxy) can be reached at all, so that
+    #    an offline machine gets the fix, and the target folder is left as it was: no folder
+    #    created, no lock file, no temporary file.
     try:
-        with FileLock(str(lock_path), timeout=max(600.0, 4 * timeout)):
-            if dest.is_file() and not force:
-                if sha256_file(dest) == sha256:
-                    return dest
-                logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
-            _download(url, dest, sha256, timeout)
+        _probe(url, timeout)
+        target.mkdir(parents=True, exist_ok=True)
+        lock_path = target / f".{filename}.lock"
+        try:
+            with FileLock(str(lock_path), timeout=max(600.0, 4 * timeout)):
+                if dest.is_file() and not force:
+                    if sha256_file(dest) == sha256:
+                        return dest
+                    logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
+                _download(url, dest, sha256, timeout)
+        except LockTimeout as e:
+            raise WeightsError(
+                f"Timed out waiting for {lock_path}: another process has been downloading {filename} "
+                "for too long. Remove the lock file if no download is running."
+            ) from e
+    except _Unreachable as e:
+        raise WeightsNotFoundError(_unreachable_message(filename, url, sha256, target, e.reason, model)) from e
+    return dest
+
+
+def _copy_into(src: Path, dest: Path, sha256: str, *, timeout: float) -> Path:
+    """Copy the verified ``src`` to ``dest``: temporary file beside ``dest``, SHA-256 of the bytes
+    written, atomic rename.  Under a lock kept in the user cache (not beside ``dest``), so the
+    target folder gets nothing but the file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _side_lock(dest, timeout):
+        if dest.is_file():
+            if sha256_file(dest) == sha256:
+                return dest  # another process put it there meanwhile
+            logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != sha256:
+                raise WeightsIntegrityError(
+                    f"{src} changed while it was copied to {dest} (sha256 {h.hexdigest()}, expected "
+                    f"{sha256}); it was not saved. Check {src}, then retry."
+                )
+            os.chmod(tmp, 0o666 & ~_read_umask())
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    logger.info("Copied %s (verified) to %s", src, dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _side_lock(dest: Path, timeout: float) -> Iterator[None]:
+    """A lock for writing ``dest``, kept in ``<user cache>/locks/`` instead of beside ``dest``.
+
+    The lock file is never deleted (deleting a flock()ed file while another process waits on it
+    would let two processes in).  If the user cache is not writable the copy goes ahead unlocked:
+    it is still safe (unique temporary file, verified, atomic rename), only maybe done twice.
+    """
+    lock_path = cache_dir() / "locks" / f"{hashlib.sha256(str(dest).encode()).hexdigest()[:32]}.lock"
+    lock: FileLock | None = FileLock(str(lock_path), timeout=max(600.0, 4 * timeout))
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
     except LockTimeout as e:
         raise WeightsError(
-            f"Timed out waiting for {lock_path}: another process has been downloading {filename} "
-            "for too long. Remove the lock file if no download is running."
+            f"Timed out waiting for {lock_path}: another process has been writing {dest} for too "
+            "long. Remove the lock file if no nsfw-dask process is running."
         ) from e
-    return dest
+    except OSError as e:
+        logger.debug("No lock for %s (%s); copying without one", dest, e)
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _Unreachable(WeightsError):
+    """The server (or proxy) could not be reached; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(e: BaseException) -> str:
+    """``Name or service not known``, ``Connection refused``, ``timed out``, ..."""
+    r = getattr(e, "reason", e)
+    if isinstance(r, OSError) and r.strerror:
+        return r.strerror
+    return str(r) or type(r).__name__
+
+
+def _probe(url: str, timeout: float) -> None:
+    """Connect (TCP only, no request) to ``url``'s host, or to the proxy urllib would use;
+    raise ``_Unreachable`` if that fails.  Other schemes are left to urllib."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(parts.hostname):
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if not p.hostname:
+                return
+            host, port = p.hostname, p.port or (443 if p.scheme == "https" else 80)
+    except ValueError:  # a malformed URL or port: urllib will say so
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise _Unreachable(_reason(e)) from e
+
+
+def _unreachable_message(filename: str, url: str, sha256: str, target: Path, reason: str,
+                         model: str | None) -> str:
+    verify = "nsfw-dask fetch-weights" + (f" --model {model}" if model else "") + \
+        f" --model-dir {shlex.quote(str(target))}"
+    return (
+        f"Cannot download {filename} from {url}: {reason} (no network, or the server is "
+        f"unreachable). Download it on a machine with internet access and copy it into "
+        f"{target}, or set {ENV_MODEL_DIR} to a folder that holds it (sha256 {sha256}); "
+        f"`{verify}` then verifies it."
+    )
 
 
 def resolve_file(
@@ -382,6 +571,8 @@ def resolve_file(
         return fetch_file(filename, url, sha256, cache, timeout=timeout)
     except WeightsIntegrityError:
         raise
+    except WeightsNotFoundError as e:  # the server could not be reached: the message has the fix
+        raise WeightsNotFoundError(f"No {what} in {where}. {e}") from e
     except WeightsError as e:
         raise WeightsNotFoundError(f"No {what} in {where}, and the download failed: {e}. {how}") from e
 
@@ -411,7 +602,9 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
         except urllib.error.HTTPError as e:
             e.close()
             raise WeightsError(f"HTTP {e.code} {e.reason} from {url}") from e
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        except urllib.error.URLError as e:  # before any response: the server could not be reached
+            raise _Unreachable(_reason(e)) from e
+        except (OSError, http.client.HTTPException) as e:  # once connected: a timeout, a reset
             raise WeightsError(f"could not download {url}: {getattr(e, 'reason', e)}") from e
         if h.hexdigest() != sha256:
             raise WeightsIntegrityError(
