@@ -9,29 +9,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import logging
-import os
 import re
 import shutil
 import signal
 import sys
 import tempfile
 import threading
-import time
 import traceback
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .exceptions import EmbeddingFormatError, NsfwDaskError
+from .exceptions import NsfwDaskError
 from .models import MODEL_SPECS
+from .pipeline import DEFAULT_ROWS_PER_PARTITION
 
 logger = logging.getLogger("nsfw_dask.cli")
 
-_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-_BINS = 10_000  # histogram resolution of the summary's quantiles (1e-4)
 
 
 class CLIError(Exception):
@@ -84,15 +81,39 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _column_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a column name cannot be empty")
+    return text
+
+
+def _storage_options(text: str) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"anon\": false}}' ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return v
+
+
 def _score_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--column", default=None, help="embedding column (default: the only list-of-float column)")
-    p.add_argument("--score-column", default="nsfw_score", help="name of the score column (default nsfw_score)")
+    p.add_argument("--column", default=None, type=_column_name,
+                   help="embedding column (parquet: default the only list-of-float column; parquet_npy: the "
+                        "name given to the .npy embeddings, default 'embedding')")
+    p.add_argument("--score-column", default="nsfw_score", type=_column_name,
+                   help="name of the score column (default nsfw_score)")
     p.add_argument("--threshold", type=_probability, default=None,
                    help="also write is_nsfw = score >= T, <NA> where the score is NaN (and count rows over T)")
     p.add_argument("--filter", default="none", choices=["none", "keep-safe", "keep-nsfw"],
                    help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
                         "(T = --threshold, default 0.5); rows with a NaN score are kept by neither")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass")
+    p.add_argument("--keep-embeddings", nargs="?", const="binary", default=None, choices=["binary", "list"],
+                   help="also write the embedding column: as each vector's raw bytes (fixed_size_binary, "
+                        "the default form, fast) or 'list' (the input's Arrow list type, slow to write)")
+    p.add_argument("--rows-per-partition", type=_positive_int, default=DEFAULT_ROWS_PER_PARTITION,
+                   help=f"rows per task and output part at most (default {DEFAULT_ROWS_PER_PARTITION:,})")
     p.add_argument("--exact", action="store_true",
                    help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
                         "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)")
@@ -106,13 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("score", help="score a parquet dataset (or LAION parquet_npy folder) into parquet",
-                       description="Score INPUT and write OUTPUT: every input column plus the score.")
+                       description="Score INPUT and write OUTPUT: every input column except the embeddings, "
+                                   "plus the score. OUTPUT is finished when it has _SUCCESS.")
     p.add_argument("input", metavar="INPUT",
                    help="parquet file, folder or glob (local or any fsspec URL), or a parquet_npy folder "
                         "(img_emb/img_emb_N.npy + metadata/metadata_N.parquet)")
-    p.add_argument("output", metavar="OUTPUT", help="output parquet folder (written atomically)")
+    p.add_argument("output", metavar="OUTPUT",
+                   help="output folder, local or an fsspec URL (s3://, gs://, abfs://, file://): one parquet part "
+                        "per input partition, _SUCCESS when finished")
     _score_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run into OUTPUT: keep its committed parts, score the rest")
+    g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--storage-options", type=_storage_options, default=None, metavar="JSON",
+                   help="fsspec options for INPUT and OUTPUT, e.g. '{\"profile\": \"laion\"}'")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     _cluster_args(p)
     _common(p)
 
@@ -127,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job, end to end, on generated unit-norm embeddings.")
     p.add_argument("--rows", type=_positive_int, default=300_000, help="rows to generate (default 300,000)")
     p.add_argument("--out", default=None, help="folder for data, scores and the PNG (default: a temp folder)")
-    p.add_argument("--partition-rows", type=_positive_int, default=50_000, help="rows per parquet row group / partition")
+    p.add_argument("--file-rows", type=_positive_int, default=100_000,
+                   help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 100,000)")
     _score_args(p)
     _cluster_args(p)
     _common(p)
@@ -146,7 +177,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
     Both signals also set ``_interrupted``: library code on the way (dask's client, the event
     loop) may catch the KeyboardInterrupt, and a run that was interrupted must still not put
-    its output in place (``_run_score`` checks the flag before the final rename).
+    mark its output finished (``score_dataset`` checks the flag before writing ``_SUCCESS``).
     """
     def handler(signum: int, frame: Any) -> None:
         _interrupted.set()
@@ -165,267 +196,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, h)
 
 
-@contextlib.contextmanager
-def _client(args: argparse.Namespace) -> Iterator[Any]:
-    from distributed import Client
-
-    if args.scheduler:
-        with Client(args.scheduler) as c:
-            yield c
-        return
-    if args.gpu:
-        from .gpu import cuda_available, local_cuda_cluster
-
-        if not cuda_available():
-            raise CLIError("--gpu: no CUDA device is visible; run without --gpu to score on the CPU.")
-        try:
-            cluster = local_cuda_cluster(**({"n_workers": args.workers} if args.workers else {}))
-        except ModuleNotFoundError as e:
-            raise CLIError(f"--gpu: {e}") from e
-    else:
-        from distributed import LocalCluster
-
-        n_cpu = os.cpu_count() or 1
-        workers = args.workers or (1 if args.threads_per_worker else min(n_cpu, 4))
-        threads = args.threads_per_worker or max(1, n_cpu // workers)
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                               dashboard_address=None,
-                               silence_logs=logging.WARNING if args.verbose else logging.CRITICAL)
-    with cluster, Client(cluster) as c:
-        yield c
-
-
-def _is_nsfw(s: Any, threshold: float) -> Any:
-    """``score >= threshold`` as a nullable boolean: <NA> where the score is NaN (no embedding)."""
-    flag = s >= threshold
-    if hasattr(flag, "to_pandas"):  # cuDF: bool columns hold nulls natively
-        return flag.mask(s.isna())
-    return flag.astype("boolean").mask(s.isna())
-
-
-def _hist_chunk(s: Any) -> Any:
-    """Histogram of one partition's scores as a pandas Series indexed by bin (pandas or cuDF in)."""
-    import pandas as pd
-
-    v = s.to_numpy() if not hasattr(s, "to_pandas") else s.to_pandas().to_numpy()
-    v = np.asarray(v, dtype=np.float64)
-    h, _ = np.histogram(v[~np.isnan(v)], bins=_BINS, range=(0.0, 1.0))
-    return pd.Series(h, index=pd.RangeIndex(_BINS))
-
-
-def _hist_sum(parts: Any) -> Any:
-    return parts.groupby(level=0).sum()
-
-
-def _summarise(total: int, nan: int, over: int, hist: Any) -> dict[str, Any]:
-    hist = np.asarray(hist, dtype=np.int64).reshape(-1)
-    cum = np.cumsum(hist)
-    n_scored = int(cum[-1]) if len(cum) else 0
-    quantiles = {}
-    for q in _QUANTILES:
-        if n_scored:
-            k = int(np.searchsorted(cum, q * n_scored, side="left"))
-            quantiles[f"p{int(q * 100):02d}"] = round((k + 0.5) / _BINS, 4)
-    return {"rows": int(total), "nan_scores": int(nan), "over_threshold": int(over),
-            "quantiles": quantiles, "histogram": hist}
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def _check_paths(input_path: str, output: Path, overwrite: bool) -> None:
-    out = output.expanduser().resolve()
-    if output.exists() and not overwrite:
-        raise CLIError(f"{output} already exists; pass --overwrite to replace it, or choose another OUTPUT.", 2)
-    cwd = Path.cwd().resolve()
-    if out == cwd or out in cwd.parents:
-        raise CLIError(f"OUTPUT {output} is the current folder or one of its parents; choose a new folder.", 2)
-    if not _is_url(input_path) and not any(c in input_path for c in "*?["):
-        src = Path(input_path).expanduser().resolve()
-        if not src.exists():
-            raise CLIError(f"INPUT {input_path} not found (a parquet file, folder, glob or URL); check the path.")
-        if src == out or out in src.parents or src in out.parents:
-            raise CLIError(f"OUTPUT {output} overlaps INPUT {input_path}; write to a separate folder.", 2)
-
-
-def _run_score(args: argparse.Namespace, input_path: str, output: Path) -> dict[str, Any]:
-    import dask
-    import dask.dataframe as dd
-    import pandas as pd
-    from distributed import progress
-
-    from .io import is_parquet_npy, read_input
-    from .plugin import NSFWModelPlugin
-    from .scoring import nsfw_meta
-    from .weights import resolve_weights
-
-    if _is_url(str(output)):
-        raise CLIError("OUTPUT must be a local path (the run is written to a temporary sibling and "
-                       "renamed into place); copy the result to object storage afterwards.", 2)
-    _check_paths(input_path, output, args.overwrite)
-    if args.filter != "none" and args.threshold is None:
-        args.threshold = 0.5
-    if args.model_dir:
-        args.model_dir = str(Path(args.model_dir).expanduser().resolve())  # workers may have another cwd
-    resolve_weights(args.model, args.model_dir)  # fail fast, on the client, with the fix in the message
-    if getattr(args, "exact", False):
-        from .exact import load_vocabulary
-
-        load_vocabulary(args.model, args.model_dir)  # the SavedModel zip too, before any worker starts
-
-    npy = is_parquet_npy(input_path)
-    score_kwargs: dict[str, Any] = {}
-    if args.gpu:
-        _check_gpu()
-        if npy:  # pandas partitions over memory-mapped .npy: scored on the GPU batch by batch
-            score_kwargs["device"] = "cuda"
-    try:
-        if args.gpu and not npy:
-            with dask.config.set({"dataframe.backend": "cudf"}):
-                ddf = dd.read_parquet(input_path)  # cuDF reads list columns natively
-        else:
-            ddf = read_input(input_path)
-    except (FileNotFoundError, OSError) as e:
-        raise CLIError(f"cannot read INPUT {input_path}: {str(e).splitlines()[-1]}") from e
-    for col in (args.score_column, "is_nsfw" if args.threshold is not None else None):
-        if col is not None and col in ddf.columns:
-            raise CLIError(f"INPUT already has a column {col!r}; pass --score-column with another name "
-                           "(is_nsfw is added with --threshold).", 2)
-
-    t0 = time.perf_counter()
-    _remove_stale_partials(output)
-    tmp = output.parent / f".{output.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done = False
-    futures: list[Any] = []
-    try:
-        with _client(args) as client:
-            try:
-                device = "cuda" if args.gpu else "cpu"
-                client.register_plugin(NSFWModelPlugin(args.model, device=device, model_dir=args.model_dir,
-                                                       exact=args.exact))
-                meta = nsfw_meta(ddf, column=args.column, score_column=args.score_column)  # column errors here
-                sources = None if npy else _partition_sources(ddf)
-                scored = ddf.map_partitions(
-                    _score_partition, column=args.column, model=args.model, score_column=args.score_column,
-                    batch_size=args.batch_size, model_dir=args.model_dir, exact=args.exact, meta=meta,
-                    **score_kwargs,
-                )
-                s = scored[args.score_column]
-                if args.threshold is not None:
-                    scored = scored.assign(is_nsfw=s.map_partitions(_is_nsfw, args.threshold))
-                written = scored
-                if args.filter == "keep-safe":
-                    written = scored[s < args.threshold]
-                elif args.filter == "keep-nsfw":
-                    written = scored[s >= args.threshold]
-                # summary as tree reductions (nothing per partition piles up on the client)
-                hist = s.reduction(chunk=_hist_chunk, aggregate=_hist_sum, combine=_hist_sum,
-                                   meta=pd.Series([], dtype="int64"))
-                over = (s >= args.threshold).sum() if args.threshold is not None else 0
-                stats = [s.size, s.isna().sum(), over, hist, written[args.score_column].size]
-                write = written.to_parquet(str(tmp), write_index=True, compute=False)
-                # one graph: scoring runs once and feeds the write and the summary
-                t_compute = time.perf_counter()
-                futures = client.compute([write, *stats])
-                if not args.no_progress and sys.stdout.isatty():
-                    progress(futures)
-                    print(file=sys.stderr)
-                try:
-                    _, total, nan, over_n, hist_v, kept_rows = client.gather(futures)
-                except EmbeddingFormatError as e:
-                    raise _located(e, sources) from e
-                compute_seconds = time.perf_counter() - t_compute
-            except BaseException:
-                if futures:
-                    client.cancel(futures)
-                raise
-        if _interrupted.is_set():  # a signal whose KeyboardInterrupt was swallowed on the way
-            raise KeyboardInterrupt("interrupted")
-        _swap_into_place(tmp, output, args.overwrite)
-        done = True
-    finally:
-        if not done and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.perf_counter() - t0
-    summary = _summarise(total, nan, over_n, hist_v)
-    summary.update(seconds=seconds, compute_seconds=compute_seconds,
-                   rows_per_s=summary["rows"] / compute_seconds if compute_seconds else float("nan"),
-                   rows_written=int(kept_rows), output=str(output), threshold=args.threshold)
-    return summary
-
-
-def _remove_stale_partials(output: Path) -> None:
-    """Delete ``.OUTPUT.incomplete-<pid>-*`` folders left by runs that were killed (SIGKILL, OOM).
-
-    Only those whose process is gone: a run still writing next to us is left alone.
-    """
-    pattern = re.compile(re.escape(f".{output.name}.incomplete-") + r"(\d+)-[0-9a-f]+$")
-    try:
-        siblings = list(output.parent.iterdir())
-    except OSError:
-        return
-    for p in siblings:
-        m = pattern.match(p.name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # alive (or a reused pid): not ours to remove
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue
-        logging.getLogger(__name__).info("removing %s, left by a run that was killed", p)
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _score_partition(df: Any, partition_info: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-    """``score_nsfw`` on one partition; a bad-row error remembers which partition it came from."""
-    from .scoring import score_nsfw
-
-    try:
-        return score_nsfw(df, **kwargs)
-    except EmbeddingFormatError as e:
-        e.partition = None if partition_info is None else partition_info.get("number")
-        raise
-
-
-def _partition_sources(ddf: Any) -> list[str] | None:
-    """The parquet file (and row groups) behind each partition, where dask tells (best effort).
-
-    dask's ``read_parquet`` numbers each partition's rows from 0, so "row 3" alone does not say
-    where a bad row is; this list, kept on the client, lets the error name the file.
-    """
-    try:
-        for expr in ddf.optimize().expr.walk():
-            plan = getattr(expr, "_plan", None)
-            if isinstance(plan, dict) and "parts" in plan:
-                out = []
-                for part in plan["parts"]:
-                    path, row_groups = part["piece"][0], part["piece"][1]
-                    out.append(str(path) if not row_groups else f"{path} (row groups {list(row_groups)})")
-                return out if len(out) == ddf.npartitions else None
-    except Exception:  # an internal API: never let it break a run
-        return None
-    return None
-
-
-def _located(e: EmbeddingFormatError, sources: list[str] | None) -> Exception:
-    n = getattr(e, "partition", None)
-    if n is None:
-        return e
-    if sources is not None and 0 <= n < len(sources):
-        where = f"in {sources[n]} (partition {n}; row labels count from 0 within each file or piece)"
-    else:
-        where = f"in partition {n} of INPUT (row labels count from 0 within each parquet file or piece)"
-    return CLIError(f"{e} [{where}]")
-
-
 def _cli_hints(message: str) -> str:
-    """Our library messages suggest ``column=``; on the command line the fix is ``--column``."""
+    """Library messages name keywords (``column=``, ``model='vit-b-32'``); the CLI's fix is a flag."""
     message = re.sub(r"score_nsfw\(df, column=('[^']*'|\"[^\"]*\")\)", r"--column \1", message)
+    message = re.sub(r"\bmodel=['\"]([\w-]+)['\"]", r"--model \1", message)
+    message = re.sub(r"\bpass model_dir=", "pass --model-dir", message)
+    message = message.replace("model_dir=", "--model-dir")
     return message.replace("pass column=", "pass --column").replace("Pass column=", "Pass --column")
 
 
@@ -439,29 +215,22 @@ def _check_gpu() -> None:
         raise CLIError("--gpu: no CUDA device is visible; run without --gpu to score on the CPU.")
 
 
-def _swap_into_place(tmp: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished temporary output into place (the old OUTPUT is removed only after)."""
-    old = None
-    if output.exists() and not overwrite:
-        raise CLIError(f"{output} appeared while the job ran; the result was discarded. Rerun with "
-                       "--overwrite or another OUTPUT.", 2)
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def _print_summary(s: dict[str, Any]) -> None:
     print(f"rows scored      {s['rows']:,}")
+    reused = f" ({s['partitions_reused']:,} reused)" if s["partitions_reused"] else ""
+    print(f"parts            {s['partitions']:,}{reused}")
     print(f"rows written     {s['rows_written']:,}  -> {s['output']}")
     print(f"time             {s['seconds']:.1f} s in all, {s['compute_seconds']:.1f} s read+score+write "
-          f"({s['rows_per_s']:,.0f} rows/s)")
+          f"({s['rows_per_s']:,.0f} rows/s scored)")
     if s["nan_scores"]:
         print(f"NaN scores       {s['nan_scores']:,}  (null or non-finite embeddings)")
-    q = "  ".join(f"{k}={v:.4f}" for k, v in s["quantiles"].items())
-    print(f"score quantiles  {q}")
+    q = s["quantiles"]
+    if any(v is not None for v in q.values()):
+        # each value is its bin's lower edge: the true quantile lies in [v, v + 0.0001)
+        print("score quantiles  " + "  ".join(
+            f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
+    else:
+        print("score quantiles  (no scores: no rows with an embedding)")
     if s.get("threshold") is not None:
         pct = 100 * s["over_threshold"] / max(1, s["rows"] - s["nan_scores"])
         print(f"score >= {s['threshold']:<8g}{s['over_threshold']:,} rows ({pct:.2f}%)")
@@ -470,9 +239,49 @@ def _print_summary(s: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+def _run_score(args: argparse.Namespace, input_path: str, output: str) -> dict[str, Any]:
+    from .pipeline import score_dataset
+
+    if args.gpu:
+        _check_gpu()
+    client = None
+    if args.scheduler:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+    try:
+        summary = score_dataset(
+            input_path, output, column=args.column, model=args.model, exact=args.exact,
+            threshold=args.threshold, filter=args.filter, keep_embeddings=args.keep_embeddings or False,
+            resume=getattr(args, "resume", False), overwrite=args.overwrite, client=client,
+            storage_options=getattr(args, "storage_options", None), score_column=args.score_column,
+            batch_size=args.batch_size, model_dir=args.model_dir, gpu=args.gpu, n_workers=args.workers,
+            threads_per_worker=args.threads_per_worker, rows_per_partition=args.rows_per_partition,
+            progress=not args.no_progress and sys.stderr.isatty(), interrupted=_interrupted,
+        )
+    finally:
+        if client is not None:
+            client.close()
+    d = summary.to_dict()
+    d["histogram"] = summary.histogram
+    return d
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during ``score``: the message says how to resume."""
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    summary = _run_score(args, args.input, Path(args.output))
-    _print_summary(summary)
+    try:
+        summary = _run_score(args, args.input, args.output)
+    except KeyboardInterrupt:
+        raise _Interrupted(f"committed parts are kept in {args.output}; rerun the same command with --resume "
+                           "to finish it") from None
+    if args.json:
+        summary.pop("histogram")
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
     return 0
 
 
@@ -503,35 +312,43 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _write_demo_data(folder: Path, rows: int, file_rows: int, dim: int) -> None:
+    """A LAION-style parquet_npy folder: float16 unit-norm vectors + url/caption/key metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    rng = np.random.default_rng(0)
+    for i, start in enumerate(range(0, rows, file_rows)):
+        n = min(file_rows, rows - start)
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.save(folder / "img_emb" / f"img_emb_{i}.npy", x.astype(np.float16))
+        keys = [f"{i:05d}{j:04d}" for j in range(n)]
+        pq.write_table(pa.table({"url": [f"https://example.org/images/{k}.jpg" for k in keys],
+                                 "caption": [f"generated sample {k}" for k in keys],
+                                 "key": keys}), folder / "metadata" / f"metadata_{i}.parquet")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     spec = MODEL_SPECS[args.model]
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nsfw-dask-demo-"))
+    out = Path(args.out).expanduser().absolute() if args.out else Path(tempfile.mkdtemp(prefix="nsfw-dask-demo-"))
     marker = out / ".nsfw-dask-demo"
     if out.exists() and any(out.iterdir()) and not marker.exists():
         raise CLIError(f"--out {out} is not empty and not an earlier demo folder; choose a new or empty folder.", 2)
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    data = out / "embeddings"
+    data = out / "laion"
     if data.exists():
         shutil.rmtree(data)
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    print(f"generating {args.rows:,} unit-norm {spec.dim}-d embeddings in {data}/")
-    for i, start in enumerate(range(0, args.rows, args.partition_rows)):  # one file per partition
-        n = min(args.partition_rows, args.rows - start)
-        x = rng.standard_normal((n, spec.dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * spec.dim, spec.dim, dtype=np.int32)),
-                                         pa.array(x.reshape(-1)))
-        pq.write_table(pa.table({"id": np.arange(start, start + n), "embedding": lists}),
-                       data / f"part.{i:05d}.parquet")
+    print(f"generating {args.rows:,} unit-norm {spec.dim}-d float16 embeddings + metadata in {data}/ "
+          "(LAION parquet_npy layout)")
+    _write_demo_data(data, args.rows, args.file_rows, spec.dim)
     args.overwrite = True
     if args.threshold is None:
         args.threshold = 0.5
-    summary = _run_score(args, str(data), out / "scored.parquet")
+    summary = _run_score(args, str(data), str(out / "scored"))
     _print_summary(summary)
     png = out / "score_histogram.png"
     if _plot_histogram(summary["histogram"], png, f"{summary['rows']:,} generated embeddings, {args.model}"):
@@ -585,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_as_interrupt():
             return _COMMANDS[args.command](args)
+    except _Interrupted as e:
+        print(f"nsfw-dask: interrupted; {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("nsfw-dask: interrupted; no output was left behind", file=sys.stderr)
+        print("nsfw-dask: interrupted", file=sys.stderr)
         return 130
     except (CLIError, NsfwDaskError, FileNotFoundError, FileExistsError) as e:
         if args.verbose:

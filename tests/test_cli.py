@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,7 +52,9 @@ def dataset(tmp_path, l14_ref) -> Path:
 
 
 def read_output(path: Path) -> pd.DataFrame:
-    files = sorted(path.glob("*.parquet"), key=lambda p: int(p.stem.split(".")[-1]))
+    """A finished OUTPUT's parts, in name (= input) order."""
+    assert (path / "_SUCCESS").is_file(), sorted(p.name for p in path.iterdir())
+    files = sorted(path.glob("part.*.parquet"))
     return pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files])
 
 
@@ -69,12 +72,12 @@ def test_score_success_threshold_and_order(tmp_path, dataset, expected):
     assert "rows scored      2,692" in r.stdout and "score quantiles" in r.stdout
     assert f"score >= 0.5     {int((expected >= 0.5).sum()):,} rows" in r.stdout
     got = read_output(out)
-    assert list(got.columns) == ["url", "id", "embedding", "nsfw_score", "is_nsfw"]
+    assert list(got.columns) == ["url", "id", "nsfw_score", "is_nsfw"]  # the embeddings are not written again
     assert str(got["nsfw_score"].dtype) in ("float32", "float[pyarrow]")
     np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(2692) * 3)  # row order kept
     np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got["is_nsfw"].to_numpy(), got["nsfw_score"].to_numpy() >= 0.5)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_filter_keep_safe_and_keep_nsfw(tmp_path, dataset, expected):
@@ -93,7 +96,7 @@ def test_existing_output_refused_then_overwritten(tmp_path, dataset):
     (out / "keep.txt").write_text("user data")
     r = run_cli("score", str(dataset), str(out), *CLUSTER)
     assert r.returncode == 2
-    assert "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert "already exists" in r.stderr and "--overwrite" in r.stderr and "not written by nsfw-dask" in r.stderr
     assert (out / "keep.txt").read_text() == "user data"
     r = run_cli("score", str(dataset), str(out), "--overwrite", *CLUSTER)
     assert r.returncode == 0, r.stderr
@@ -119,8 +122,8 @@ def test_wrong_dimension_error(tmp_path, b32_ref):
     write_parquet(path, b32_ref["inputs"][:200])
     line = _one_line_error(run_cli("score", str(path), str(tmp_path / "o"), *CLUSTER))
     assert "has 512 values, expected 768" in line and "vit-b-32" in line
-    assert not (tmp_path / "o").exists()
-    assert not [p for p in tmp_path.iterdir() if ".incomplete" in p.name]
+    assert "b32.parquet" in line and "rows 0-199 of that file" in line and "--model vit-b-32" in line
+    assert not (tmp_path / "o").exists()  # a run that committed nothing leaves nothing
     r = run_cli("score", str(path), str(tmp_path / "o"), "--model", "vit-b-32", *CLUSTER)
     assert r.returncode == 0, r.stderr
 
@@ -141,28 +144,34 @@ def test_missing_input_error(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_leaves_nothing_complete_and_rerun_succeeds(tmp_path, l14_ref, sig):
+def test_interrupted_run_keeps_committed_parts_and_resumes(tmp_path, l14_ref, expected, sig):
     path = tmp_path / "big.parquet"
-    x = np.tile(l14_ref["inputs"], (4, 1))  # 10,768 rows, one row per (256-row padded) batch: ~20 s
-    write_parquet(path, x, row_group_size=1000)
+    write_parquet(path, l14_ref["inputs"], row_group_size=200)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "nsfw_dask", "score", str(path), str(out),
-                             "--batch-size", "1", *CLUSTER], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "nsfw_dask", "score", str(path), str(out), "--batch-size", "1",
+                             "--rows-per-partition", "200", *CLUSTER], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(".incomplete" in p.name for p in tmp_path.iterdir()):
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and list(out.glob("part.*.parquet"))):
+        assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    assert any(".incomplete" in p.name for p in tmp_path.iterdir()), "the run never started writing"
-    time.sleep(0.5)
+    assert list(out.glob("part.*.parquet")), "the run never committed a part"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "interrupted" in err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if ".incomplete" in p.name]
-    r = run_cli("score", str(path), str(out), "--batch-size", "4096", *CLUSTER)
+    assert "interrupted" in err and "--resume" in err, err
+    assert not (out / "_SUCCESS").exists()  # never taken for finished
+    committed = sorted(p.name for p in out.glob("part.*.parquet"))
+    assert committed
+    r = run_cli("score", str(path), str(out), *CLUSTER)
+    assert r.returncode == 2 and "--resume" in r.stderr, r.stderr
+    r = run_cli("score", str(path), str(out), "--resume", "--json", "--rows-per-partition", "200", *CLUSTER)
     assert r.returncode == 0, r.stderr
-    assert len(read_output(out)) == len(x)
+    summary = json.loads(r.stdout)
+    assert summary["partitions"] == 14 and summary["partitions_reused"] >= len(committed) - 1
+    got = read_output(out)
+    np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(2692) * 3)
+    np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
 
 
 def _parquet_npy(root: Path, x: np.ndarray, sizes: list[int], dtype=np.float16) -> None:
@@ -185,6 +194,8 @@ def test_parquet_npy_input(tmp_path, l14_ref):
     assert r.returncode == 0, r.stderr
     got = read_output(out)
     np.testing.assert_array_equal(got["row"].to_numpy(), np.arange(len(x)))
+    np.testing.assert_array_equal(got["row_number"].to_numpy(), np.arange(len(x)))  # the global row number
+    assert list(got.columns) == ["row_number", "url", "row", "nsfw_score"]
     expected = NSFWScorer(device="cpu")(x.astype(np.float16).astype(np.float32)).numpy()
     np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
 
@@ -240,10 +251,12 @@ def test_bad_numbers_and_existing_score_column(tmp_path, dataset):
 
 def test_demo_main_job(tmp_path):
     out = tmp_path / "demo"
-    r = run_cli("demo", "--rows", "3000", "--partition-rows", "1000", "--out", str(out), *CLUSTER)
+    r = run_cli("demo", "--rows", "3000", "--file-rows", "1000", "--out", str(out), *CLUSTER)
     assert r.returncode == 0, r.stderr
     assert "rows scored      3,000" in r.stdout and "score >= 0.5" in r.stdout
-    assert len(read_output(out / "scored.parquet")) == 3000
+    got = read_output(out / "scored")
+    assert list(got.columns) == ["row_number", "url", "caption", "key", "nsfw_score", "is_nsfw"]
+    np.testing.assert_array_equal(got["row_number"].to_numpy(), np.arange(3000))
     assert (out / "score_histogram.png").stat().st_size > 0
     r = run_cli("demo", "--rows", "3000", "--out", str(out), *CLUSTER)  # rerun into its own folder: fine
     assert r.returncode == 0, r.stderr
