@@ -850,9 +850,17 @@ def _fs_path(fs: Any, shown: str) -> str:
 
 
 def _probe_shared_folder(client: Any, fs: Any, root: str, plan: Plan, given: str) -> None:
-    """With a cluster we did not start, local paths must be the same folders on every worker."""
+    """With a cluster we did not start, local paths must be the same folders on every worker.
+
+    The probe file goes into OUTPUT's nearest existing folder (OUTPUT may not exist yet), before
+    anything in OUTPUT is created or replaced.
+    """
     token = uuid.uuid4().hex
-    probe = f"{root}/_nsfw_dask_probe-{token}"
+    folder = root
+    if _is_local(fs):
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+    probe = f"{folder}/._nsfw_dask_probe-{token}"
     checks: list[tuple[str, int]] = []
     if _is_local(plan.in_fs):
         for f in {plan.files[0]["path"], plan.files[-1]["path"]}:
@@ -1042,6 +1050,15 @@ def score_dataset(
     out_fs, out_root = _fs(out_path, storage_options)
     _check_overlap(plan, out_fs, out_root, output_given)
 
+    if client is None:
+        with contextlib.suppress(ValueError):
+            from distributed import default_client
+
+            client = default_client()
+    external = client is not None
+    if external:  # workers may be on other nodes: local paths must be the same folders there
+        _probe_shared_folder(client, out_fs, out_root, plan, output_given)
+
     resolve_weights(spec.name, opts.model_dir)  # fail fast, on the client, with the fix in the message
     if exact:
         from .exact import load_vocabulary
@@ -1063,18 +1080,10 @@ def score_dataset(
     from .plugin import NSFWModelPlugin
 
     quiet = logging.getLogger("nsfw_dask").getEffectiveLevel() > logging.INFO
-    if client is None:
-        with contextlib.suppress(ValueError):
-            from distributed import default_client
-
-            client = default_client()
-    external = client is not None
     rows_scored = 0
     committed = 0
     try:
         with _cluster(client, n_workers, threads_per_worker, gpu, quiet) as (c, _embedded):
-            if external:
-                _probe_shared_folder(c, out_fs, out_root, plan, output_given)
             if todo:
                 c.register_plugin(NSFWModelPlugin(spec.name, device=device or "cpu",
                                                   model_dir=opts.model_dir, exact=exact))
