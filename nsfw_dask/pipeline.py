@@ -751,7 +751,9 @@ def _job_description(plan: Plan, opts: _Options, rows_per_partition: int) -> dic
         "options": {"model": opts.model, "exact": opts.exact, "column": plan.column,
                     "score_column": opts.score_column, "threshold": opts.threshold,
                     "filter": opts.filter, "keep_embeddings": opts.keep_embeddings,
-                    "rows_per_partition": rows_per_partition},
+                    "rows_per_partition": rows_per_partition,
+                    # CUDA kernels may differ from CPU ones in the last bits: parts are not mixed
+                    "device": "cuda" if opts.device == "cuda" else "cpu"},
         "version": __version__,
     }
     job_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -761,7 +763,7 @@ def _job_description(plan: Plan, opts: _Options, rows_per_partition: int) -> dic
 
 _OPTION_FLAGS = {"model": "--model", "exact": "--exact", "column": "--column", "score_column": "--score-column",
                  "threshold": "--threshold", "filter": "--filter", "keep_embeddings": "--keep-embeddings",
-                 "rows_per_partition": "--rows-per-partition"}
+                 "rows_per_partition": "--rows-per-partition", "device": "--gpu"}
 
 
 def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
