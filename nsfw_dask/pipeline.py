@@ -501,7 +501,7 @@ class _Options:
     model_dir: str | None
 
 
-def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array]:
+def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]:
     """The part's other columns (an Arrow table) and its embedding column (an Arrow array)."""
     from . import io as _io
 
@@ -521,7 +521,7 @@ def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array]:
         table = table.add_column(0, ROW_NUMBER_COLUMN, rows)
         return table, lists
     table = _io._read_rows(fs, part.source, part.start, part.stop)
-    col = table.column(plan.column).combine_chunks()
+    col = table.column(plan.column)  # one chunk per row group: scored chunk by chunk, never combined
     return table.drop_columns([plan.column]), col
 
 
@@ -551,6 +551,13 @@ def _embedding_as_binary(emb: pa.Array) -> pa.Array:
     vt = emb.type.value_type
     item = np.dtype(vt.to_pandas_dtype()).itemsize
     n = len(emb)
+    if pa.types.is_fixed_size_list(emb.type) and emb.null_count == 0 and emb.values.null_count == 0:
+        dim = emb.type.list_size  # the values buffer already is the rows' bytes: no copy
+        values = emb.values.slice(emb.offset * dim, n * dim)
+        buf = values.buffers()[1]
+        start = values.offset * item
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * item), n,
+                                                    [None, buf.slice(start, n * dim * item)])
     if pa.types.is_fixed_size_list(emb.type):
         dim = emb.type.list_size
     else:
