@@ -9,7 +9,7 @@ EXTRAS ?= test
 WEIGHTS ?= $(if $(NSFW_DASK_MODEL_DIR),$(NSFW_DASK_MODEL_DIR),$(abspath ../shared/weights))
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-all demo bench bench-quick gpu-api-check clean
+.PHONY: setup test test-all demo bench bench-quick bench-job gpu-api-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ bench: setup
 
 bench-quick: setup
 	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python benchmarks/bench_scoring.py --quick --out results
+
+## the main job as users run it (whole `nsfw-dask score` processes vs a plain script, read-only floor, memory)
+bench-job: setup
+	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python benchmarks/bench_job.py --out results
 
 ## checks the installed cuDF/CuPy/dask-cuda API on CPU (installs the ~5 GB GPU extra into .venv-gpu)
 gpu-api-check:

@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job, end to end, on generated unit-norm embeddings.")
     p.add_argument("--rows", type=_positive_int, default=300_000, help="rows to generate (default 300,000)")
     p.add_argument("--out", default=None, help="folder for data, scores and the PNG (default: a temp folder)")
-    p.add_argument("--file-rows", type=_positive_int, default=100_000,
-                   help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 100,000)")
+    p.add_argument("--file-rows", type=_positive_int, default=50_000,
+                   help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 50,000)")
     _score_args(p)
     _cluster_args(p)
     _common(p)
@@ -176,7 +176,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     """Make SIGTERM unwind like Ctrl-C, so clean-up (temporary output) runs.
 
     Both signals also set ``_interrupted``: library code on the way (dask's client, the event
-    loop) may catch the KeyboardInterrupt, and a run that was interrupted must still not put
+    loop) may catch the KeyboardInterrupt, and a run that was interrupted must still not
     mark its output finished (``score_dataset`` checks the flag before writing ``_SUCCESS``).
     """
     def handler(signum: int, frame: Any) -> None:

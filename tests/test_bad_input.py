@@ -1438,6 +1438,7 @@ def test_partition_over_1gb(X: np.ndarray, oracle: Oracle, kind: str) -> None:
 
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "--no-progress"]
+JOB, SUCCESS = "_nsfw_dask_job.json", "_SUCCESS"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -1453,16 +1454,24 @@ def _error_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _read_output(path: Path) -> pd.DataFrame:
-    files = sorted(path.glob("*.parquet"), key=lambda p: int(p.stem.split(".")[-1]))
-    return pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files])
+def _read_output(path: Path, part_names: list[str]) -> pd.DataFrame:
+    """A finished OUTPUT: ``_SUCCESS``, the job file and exactly these parts (nothing hidden
+    left), read in name (= input) order."""
+    assert {p.name for p in path.iterdir()} == {SUCCESS, JOB, *part_names}, sorted(p.name for p in path.iterdir())
+    files = sorted(path.glob("part.*.parquet"))
+    assert [f.name for f in files] == part_names
+    return pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files], ignore_index=True)
 
 
-def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: np.ndarray) -> None:
-    """A folder of two files, one 767-value row at row 3 of the second file (row 103 of the data).
+def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: np.ndarray, oracle: Oracle) -> None:
+    """A folder of two files of 100 rows in row groups (and parts) of 25; one 767-value row at row
+    78 of the second file (row 3 of its part, row 178 of the data; its part is the last, so
+    with one worker thread no other part is being written when it fails).
 
-    The message must let the user find that row: its global row number or its file and row
-    (dask's per-file partitions each restart at row 0, so "row 3" alone names the wrong row).
+    The message must let the user find that row: the file, and the row within that file (not
+    within the part, not the global row).  Parts committed before the failure stay (complete
+    and right, the failed one never among them) and OUTPUT is not finished; a failed run that
+    committed nothing into a new OUTPUT removes the folders it created.
     """
     src = tmp_path / "in"
     src.mkdir()
@@ -1471,18 +1480,42 @@ def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: n
         x = X[f * n:(f + 1) * n]
         rows: list[Any] = list(x)
         if f == 1:
-            rows[3] = x[3, :767]
+            rows[78] = x[78, :767]
         pq.write_table(pa.table({"id": np.arange(f * n, (f + 1) * n), "embedding": ragged_array(rows)}),
-                       src / f"part{f}.parquet")
+                       src / f"part{f}.parquet", row_group_size=25)
+    bad = src / "part1.parquet"
     out = tmp_path / "out"
-    line = _error_line(_cli(str(src), str(out)))
-    assert "'embedding'" in line and "767" in line and "768" in line, line
-    assert "row 103" in line or ("part1.parquet" in line and "row 3" in line), line
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".incomplete" in p.name]
+    line = _error_line(_cli(str(src), str(out), "--rows-per-partition", "25"))
+    assert (f"{bad}, rows 75-99 of that file (row numbers count from 0 within the file): "
+            "Column 'embedding': row 78 has 767 values, expected 768") in line, line
+    # Whatever the other parts did before the failure stopped the run: no _SUCCESS, no
+    # temporary, only committed parts, each its file's rows in order with the right scores.
+    parts = {f"part.{i:06d}.part{i // 4}.parquet": (i // 4, (i % 4) * 25) for i in range(8)}
+    failed = "part.000007.part1.parquet"
+    if out.exists():
+        left = {p.name for p in out.iterdir()}
+        assert SUCCESS not in left and JOB in left, sorted(left)
+        assert left - {JOB} <= set(parts) - {failed}, sorted(left)
+        assert left - {JOB}, "OUTPUT was kept though no part was committed"
+        for name in sorted(left - {JOB}):
+            f, a = parts[name]
+            t = pq.read_table(out / name)
+            assert t.column_names == ["id", "nsfw_score"], t.column_names
+            rows_ = f * 100 + np.arange(a, a + 25)
+            np.testing.assert_array_equal(t["id"].to_numpy(), rows_)
+            assert_scores(t["nsfw_score"].to_numpy(), oracle.big32[rows_], oracle.one32[rows_], _none(25))
+
+    # The bad file alone, one part: nothing is committed, and the new OUTPUT and the parent
+    # folder the run made for it are removed again.
+    line = _error_line(_cli(str(bad), str(tmp_path / "new" / "out")))
+    assert (f"{bad}, rows 0-99 of that file (row numbers count from 0 within the file): "
+            "Column 'embedding': row 78 has 767 values, expected 768") in line, line
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_null_rows_null_elements_and_an_all_null_file(tmp_path: Path, X: np.ndarray, oracle: Oracle) -> None:
-    """Every row comes back, in order; no embedding -> null score and null is_nsfw."""
+    """Every row comes back, in order, in parts of at most 16 rows that never span two files;
+    no embedding -> NaN score and null is_nsfw."""
     src = tmp_path / "in"
     src.mkdir()
     n = 60
@@ -1490,14 +1523,20 @@ def test_cli_null_rows_null_elements_and_an_all_null_file(tmp_path: Path, X: np.
     elem = np.zeros((n, DIM), bool)
     elem[30, 400] = True
     pq.write_table(pa.table({"id": np.arange(n), "embedding": list_array(X[:n], nulls=nulls, elem_null=elem)}),
-                   src / "part0.parquet")
+                   src / "part0.parquet", row_group_size=16)
     pq.write_table(pa.table({"id": np.arange(n, n + 20), "embedding": pa.nulls(20, pa.list_(pa.float32()))}),
-                   src / "part1.parquet")
+                   src / "part1.parquet", row_group_size=16)
     out = tmp_path / "out"
-    r = _cli(str(src), str(out), "--threshold", "0.5")
+    r = _cli(str(src), str(out), "--threshold", "0.5", "--rows-per-partition", "16")
     assert r.returncode == 0, r.stderr
-    got = _read_output(out)
+    # part0: rows 0-15, 16-31, 32-47, 48-59; part1: 0-15, 16-19
+    names = [f"part.{i:06d}.part{0 if i < 4 else 1}.parquet" for i in range(6)]
+    sizes = [len(pq.read_table(out / p)) for p in names]
+    assert sizes == [16, 16, 16, 12, 16, 4], sizes
+    got = _read_output(out, names)
+    assert list(got.columns) == ["id", "nsfw_score", "is_nsfw"]  # the embeddings are not written again
     assert got["id"].tolist() == list(range(n + 20))
+    assert str(got["nsfw_score"].dtype) == "float[pyarrow]" and str(got["is_nsfw"].dtype) == "bool[pyarrow]"
     expect_nan = np.concatenate([nulls | elem.any(axis=1), np.ones(20, bool)])
     s = got["nsfw_score"].to_numpy(dtype=np.float32, na_value=np.nan)
     big = np.full(n + 20, np.nan, np.float32)
@@ -1508,10 +1547,12 @@ def test_cli_null_rows_null_elements_and_an_all_null_file(tmp_path: Path, X: np.
     np.testing.assert_array_equal(flag.isna().to_numpy(), expect_nan)
     np.testing.assert_array_equal(flag[~expect_nan].to_numpy(dtype=bool), s[~expect_nan] >= 0.5)
     assert f"NaN scores       {int(expect_nan.sum())}" in r.stdout
+    assert "rows scored      80" in r.stdout and "parts            6" in r.stdout, r.stdout
 
 
 def test_cli_several_embedding_columns_names_them_and_the_flag(tmp_path: Path, X: np.ndarray) -> None:
-    """Two list<float> columns and no --column: one line naming both and the CLI's own fix."""
+    """Two list<float> columns and no --column: one line naming both and the CLI's own fix; no
+    OUTPUT created."""
     path = tmp_path / "two.parquet"
     lists = list_array(X[:10])
     pq.write_table(pa.table({"id": np.arange(10), "image_emb": lists, "text_emb": lists}), path)

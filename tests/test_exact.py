@@ -315,19 +315,29 @@ def test_exact_type_checked() -> None:
 # ---------------------------------------------------------------- CLI
 
 def test_cli_exact(tmp_path: Path, head: dict) -> None:
+    """``score --exact``: a finished OUTPUT (``_SUCCESS``), one part per 100-row group in input
+    order, the id and LAION's score of every row, the embeddings not written again."""
     n = 300
     table = pa.table({"id": np.arange(n), "emb": pa.array(list(head["x"][:n]), type=pa.list_(pa.float32()))})
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, "-m", "nsfw_dask", "score", str(tmp_path / "in.parquet"), str(out),
-         "--exact", "--model", head["model"], "--workers", "1", "--threads-per-worker", "1", "--no-progress"],
+         "--exact", "--model", head["model"], "--rows-per-partition", "100",
+         "--workers", "1", "--threads-per-worker", "1", "--no-progress"],
         capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    got = pd.read_parquet(out, dtype_backend="pyarrow").sort_values("id")
-    np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(n))
-    _assert_matches_keras(got["nsfw_score"].to_numpy(), head["keras"][:n])
+    parts = [f"part.{i:06d}.in.parquet" for i in range(3)]
+    assert {p.name for p in out.iterdir()} == {"_SUCCESS", "_nsfw_dask_job.json", *parts}
+    files = sorted(out.glob("part.*.parquet"))  # name order = input order
+    assert [f.name for f in files] == parts and [pq.read_metadata(f).num_rows for f in files] == [100] * 3
+    got = pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files], ignore_index=True)
+    assert list(got.columns) == ["id", "nsfw_score"]
+    np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(n))  # row order kept, no row lost
+    _assert_matches_keras(got["nsfw_score"].to_numpy(dtype=np.float64, na_value=np.nan), head["keras"][:n])
+    job = json.loads((out / "_nsfw_dask_job.json").read_text())
+    assert job["options"]["exact"] is True and job["options"]["model"] == head["model"]
 
 
 def test_lazy_and_eager_nan_imputation_agree(head: dict) -> None:

@@ -44,23 +44,35 @@ Weights files (``nsfw_dask.weights``)
       polling the folder sees at the final name only the old file, then the complete new one.
 
 CLI killed
-    Already in ``tests/test_cli.py``: SIGINT/SIGTERM remove the temporary output, exit 130, rerun
-    succeeds (``test_interrupted_run_leaves_nothing_complete_and_rerun_succeeds``).
-    Added: ``test_cli_sigkill_leaves_nothing_complete_and_no_orphans``: SIGKILL (no clean-up can
-    run) while partitions are being written leaves no OUTPUT (only a hidden
-    ``.OUTPUT.incomplete-*`` folder), no orphaned worker process; a rerun without ``--overwrite``
-    succeeds; a SIGKILLed ``--overwrite`` run leaves the previous OUTPUT byte for byte as it was
-    (that a rerun without ``--overwrite`` is then refused with the fix is
-    ``test_existing_output_refused_then_overwritten``).
+    Already in ``tests/test_cli.py``: SIGINT/SIGTERM exit 130 naming ``--resume``, keep the
+    committed parts and write no ``_SUCCESS``.
+    Added, with SIGKILL (no clean-up can run), on 2,692 rows in 4 files cut into 16 parts
+    (``--rows-per-partition 200``, ``--batch-size 1`` so that a run lasts long enough to be
+    killed in the middle):
+
+    * ``test_cli_sigkill_keeps_committed_parts_and_resume_finishes``: the whole process group
+      killed during a first run, once two parts are committed: OUTPUT holds the job file and
+      committed parts only (each complete: its rows of its file, in order, with the reference
+      scores; at most one hidden ``.part.*.tmp-*``), no ``_SUCCESS``, no process of the group left
+      running; the same command again is refused (exit 2, naming ``--resume``) and changes
+      nothing; ``--resume`` reuses exactly the committed parts (``partitions_reused``, same bytes,
+      same files), scores the rest and writes ``_SUCCESS``: every row once, in order, with its
+      reference score, no temporary left.
+    * ``test_cli_sigkill_during_overwrite_never_leaves_a_finished_looking_output``: only the CLI's
+      own process killed during ``--overwrite`` of a finished OUTPUT, once a new part is committed:
+      its worker processes exit by themselves; no ``_SUCCESS`` (never taken for finished), no part
+      of the old run beside the new ones; ``--resume`` then finishes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -503,6 +515,7 @@ def _wait_for(cond: Callable[[], object], timeout: float, what: str) -> object:
 
 
 def _read_parts(folder: Path) -> pd.DataFrame:
+    """dask's ``to_parquet`` output: ``part.0.parquet`` .. ``part.39.parquet``, in number order."""
     files = sorted(folder.glob("part.*.parquet"), key=lambda p: int(p.stem.split(".")[-1]))
     return pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files])
 
@@ -619,76 +632,221 @@ def test_worker_killed_mid_run_output_identical_and_one_load_per_process(tmp_pat
 # The CLI killed with SIGKILL
 # --------------------------------------------------------------------------------------------
 
-CLUSTER = ["--workers", "1", "--threads-per-worker", "1"]
+CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "--no-progress"]
+N_FILES = 4  # the 2,692 reference rows in 4 files of 673 rows
+ROWS_PER_PART = 200  # row groups of 200 rows, one part each: (200, 200, 200, 73) per file, 16 parts
+SLOW = ["--batch-size", "1"]  # one row per forward pass: a part takes about a second, the run ~15 s
+JOB, SUCCESS = "_nsfw_dask_job.json", "_SUCCESS"
+PART_TMP = re.compile(r"^\.part\.\d{6}\.\d+\.parquet\.tmp-.+-\d+-[0-9a-f]+$")  # a part being written
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nsfw_dask", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+@dataclasses.dataclass
+class CliData:
+    src: Path
+    scores: np.ndarray  # the reference score of each row, files in order
+    parts: dict[str, tuple[int, int, int, int]]  # part name -> (file, start, stop, row of the file's row 0)
 
 
-def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    return {p.name: (sha(p.read_bytes()), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
-
-
-def _kill_while_writing(proc: subprocess.Popen, parent: Path, out_name: str, skip: set[str]) -> str:
-    """Wait until the run has written a partition into a new temporary output, then SIGKILL it
-    (and check its worker processes do not outlive it).  Returns the temporary's name."""
-
-    def writing() -> str | None:
-        assert proc.poll() is None, f"the CLI exited ({proc.returncode}) before it could be killed"
-        for p in parent.iterdir():
-            if p.name.startswith(f".{out_name}.incomplete-") and p.name not in skip and any(p.glob("part.*")):
-                return p.name
-        return None
-
-    try:
-        tmp_name = _wait_for(writing, 120, "the CLI to write a partition")
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert children, "no worker process found"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    _wait_for(lambda: all(_dead(c.pid) for c in children), 30,
-              f"the killed CLI's worker processes {[c.pid for c in children]} to exit")
-    return tmp_name
-
-
-def test_cli_sigkill_leaves_nothing_complete_and_no_orphans(tmp_path: Path, l14_ref) -> None:
-    x = np.tile(l14_ref["inputs"], (4, 1))  # 10,768 rows in 8 files; one row per batch: seconds
+def _cli_data(tmp_path: Path, l14_ref) -> CliData:
+    x = l14_ref["inputs"]
+    dim = x.shape[1]
     src = tmp_path / "in"
     src.mkdir()
-    dim = x.shape[1]
-    for k, part in enumerate(np.array_split(x, 8)):
-        m = len(part)
+    parts: dict[str, tuple[int, int, int, int]] = {}
+    offset = 0
+    for k, chunk in enumerate(np.array_split(x, N_FILES)):
+        m = len(chunk)
         lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32)),
-                                         pa.array(part.reshape(-1)))
-        pq.write_table(pa.table({"id": np.arange(m) + k * 10_000, "embedding": lists}), src / f"{k}.parquet")
-    work = tmp_path / "work"
-    work.mkdir()
-    out = work / "out"
+                                         pa.array(chunk.reshape(-1)))
+        pq.write_table(pa.table({"id": np.arange(m) + k * 10_000, "embedding": lists}), src / f"{k}.parquet",
+                       row_group_size=ROWS_PER_PART)
+        for a in range(0, m, ROWS_PER_PART):  # a part per row group: a part never spans two files
+            parts[f"part.{len(parts):06d}.{k}.parquet"] = (k, a, min(m, a + ROWS_PER_PART), offset)
+        offset += m
+    assert offset == len(x) and len(parts) == 16
+    return CliData(src, l14_ref["nemo_scores"], parts)
 
-    # 1. SIGKILL during a first run: no OUTPUT, only a hidden temporary; no worker left running.
-    proc = _cli("score", str(src), str(out), "--batch-size", "1", *CLUSTER)
-    stale = _kill_while_writing(proc, work, "out", set())
-    assert not out.exists()
-    assert names(work) == {stale}  # only the hidden ".out.incomplete-<pid>-*"; the next run removes it
 
-    # 2. A rerun without --overwrite succeeds (the leftover is not taken for OUTPUT).
-    r = subprocess.run([sys.executable, "-m", "nsfw_dask", "score", str(src), str(out), *CLUSTER],
-                       capture_output=True, text=True, timeout=180)
+def _score_cmd(data: CliData, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nsfw_dask", "score", str(data.src), str(out),
+            "--rows-per-partition", str(ROWS_PER_PART), *CLUSTER, *extra]
+
+
+def _start_cli(data: CliData, out: Path, *extra: str) -> subprocess.Popen:
+    """The CLI in a session (and process group) of its own, whose id is its pid."""
+    return subprocess.Popen(_score_cmd(data, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _run_cli(data: CliData, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_score_cmd(data, out, *extra), capture_output=True, text=True, timeout=180)
+
+
+def _json_summary(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout  # --json: one JSON object, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    """Which file this is: a committed part is a rename of a new file, so a new inode and mtime."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:  # removed meanwhile (an --overwrite run clearing OUTPUT)
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _snapshot_parts(out: Path, part_names: list[str]) -> dict[str, tuple[str, int, int]]:
+    return {n: (sha((out / n).read_bytes()), *_ident(out / n)) for n in part_names}  # type: ignore[misc]
+
+
+def _committed(out: Path) -> list[str]:
+    return sorted(n for n in names(out) if n.startswith("part."))
+
+
+def _check_part(path: Path, data: CliData) -> None:
+    """A committed part holds exactly its rows of its file, in order: the id and score of each,
+    the embeddings not written again."""
+    k, a, b, offset = data.parts[path.name]
+    t = pq.read_table(path)
+    assert t.column_names == ["id", "nsfw_score"], (path.name, t.column_names)
+    assert t.schema.field("nsfw_score").type == pa.float32()
+    np.testing.assert_array_equal(t["id"].to_numpy(), k * 10_000 + np.arange(a, b), err_msg=path.name)
+    np.testing.assert_allclose(t["nsfw_score"].to_numpy(), data.scores[offset + a: offset + b], rtol=0, atol=1e-5,
+                               err_msg=path.name)
+
+
+def _check_finished(out: Path, data: CliData) -> None:
+    """``_SUCCESS``, the job file and every part, nothing else (no temporary left); read in name
+    order the parts give every row once, in input order, with its reference score."""
+    assert names(out) == {SUCCESS, JOB, *data.parts}, sorted(names(out))
+    files = sorted(out.glob("part.*.parquet"))  # name order = input order
+    assert [f.name for f in files] == list(data.parts)
+    for f in files:
+        _check_part(f, data)
+    got = pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files], ignore_index=True)
+    ids = np.concatenate([k * 10_000 + np.arange(len(c)) for k, c in enumerate(np.array_split(data.scores, N_FILES))])
+    np.testing.assert_array_equal(got["id"].to_numpy(), ids)
+    np.testing.assert_allclose(got["nsfw_score"].to_numpy(dtype=np.float32), data.scores, rtol=0, atol=1e-5)
+
+
+def _check_killed(out: Path, data: CliData) -> tuple[list[str], set[str]]:
+    """What a SIGKILLed run leaves: the job file, committed parts (each complete and right), at
+    most one temporary (one worker thread writes one part at a time), and no ``_SUCCESS``."""
+    left = names(out)
+    committed = _committed(out)
+    assert SUCCESS not in left and JOB in left, sorted(left)
+    assert set(committed) <= set(data.parts), committed
+    temps = left - {JOB, *committed}
+    assert all(PART_TMP.match(n) for n in temps) and len(temps) <= 1, sorted(left)
+    for n in committed:
+        _check_part(out / n, data)
+    return committed, temps
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], object], what: str, *, group: bool) -> None:
+    """Wait for ``ready()``, then SIGKILL the CLI, and check that none of its processes outlives it.
+
+    ``group``: the whole process group (a terminal's or a CI job's kill); else only the CLI's own
+    process (the OOM killer's choice), and its worker processes must then exit by themselves.
+    """
+
+    def waiting() -> object:
+        if proc.poll() is not None:
+            _out, err = proc.communicate()
+            raise AssertionError(f"the CLI exited ({proc.returncode}) before it could be killed:\n{err}")
+        return ready()
+
+    try:
+        _wait_for(waiting, 120, what)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "no worker process found"
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        _wait_for(lambda: all(_dead(c.pid) for c in children), 30,
+                  f"the killed CLI's worker processes {[c.pid for c in children]} to exit")
+        _wait_for(lambda: not _group_alive(proc.pid), 30, "every process of the killed CLI's group to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # never leave a process behind, pass or fail
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+
+def test_cli_sigkill_keeps_committed_parts_and_resume_finishes(tmp_path: Path, l14_ref) -> None:
+    data = _cli_data(tmp_path, l14_ref)
+    out = tmp_path / "new" / "out"  # its parent is created by the run too
+
+    # 1. SIGKILL of the whole process group during a first run, once two parts are committed:
+    #    the committed parts stay, complete and right; no _SUCCESS; no process left running.
+    proc = _start_cli(data, out, *SLOW)
+    _kill_when(proc, lambda: len(_committed(out)) >= 2, "the CLI to commit two parts", group=True)
+    committed, temps = _check_killed(out, data)
+    assert 2 <= len(committed) < len(data.parts), committed
+    print(f"killed with {len(committed)} parts committed, temporaries {sorted(temps)}")
+    kept = _snapshot_parts(out, committed)
+
+    # 2. The same command again: refused (exit 2) with the fix, OUTPUT untouched.
+    r = _run_cli(data, out, *SLOW)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "--resume" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert names(out) == {JOB, *committed, *temps}
+    assert _snapshot_parts(out, committed) == kept
+
+    # 3. --resume (at the default batch size: the batch size is not part of the job): the
+    #    committed parts are kept as they are (same bytes, same files), only the others are
+    #    scored; every row once, in order, with its reference score; the temporary is gone.
+    s = _json_summary(_run_cli(data, out, "--resume", "--json"))
+    assert s["partitions"] == len(data.parts) and s["partitions_reused"] == len(committed), s
+    assert s["rows"] == s["rows_written"] == len(data.scores) and s["nan_scores"] == 0, s
+    assert _snapshot_parts(out, committed) == kept
+    _check_finished(out, data)
+
+
+def test_cli_sigkill_during_overwrite_never_leaves_a_finished_looking_output(tmp_path: Path, l14_ref) -> None:
+    data = _cli_data(tmp_path, l14_ref)
+    out = tmp_path / "out"
+    r = _run_cli(data, out)
     assert r.returncode == 0, r.stderr
-    assert names(work) == {"out"}  # the killed run's leftover (its process is gone) was removed
-    got = _read_parts(out)
-    assert len(got) == len(x)
-    ids = np.concatenate([np.arange(len(p)) + k * 10_000 for k, p in enumerate(np.array_split(x, 8))])
-    np.testing.assert_array_equal(got["id"].to_numpy(), ids)  # files, then rows, in order
-    np.testing.assert_allclose(got["nsfw_score"].to_numpy(), np.tile(l14_ref["nemo_scores"], 4), rtol=0, atol=1e-5)
-    before = _snapshot(out)
+    _check_finished(out, data)
+    old = {_ident(out / n) for n in data.parts}
 
-    # 3. SIGKILL during an --overwrite run: the previous OUTPUT is untouched.
-    proc = _cli("score", str(src), str(out), "--batch-size", "1", "--overwrite", *CLUSTER)
-    stale2 = _kill_while_writing(proc, work, "out", {stale})
-    assert _snapshot(out) == before
-    assert names(work) == {"out", stale2}  # no ".out.old-*": the swap never started
+    # 1. SIGKILL of the CLI's own process during an --overwrite run, once it has committed a new
+    #    part: its workers exit by themselves; OUTPUT has no _SUCCESS, so it is never taken for
+    #    finished, and no part of the old run is left beside the new ones (--overwrite removed
+    #    _SUCCESS, then everything, before scoring).
+    proc = _start_cli(data, out, "--overwrite", *SLOW)
+
+    def new_part_committed() -> bool:
+        return SUCCESS not in names(out) and any(
+            i is not None and i not in old for i in map(_ident, out.glob("part.*.parquet")))
+
+    _kill_when(proc, new_part_committed, "the --overwrite run to commit a part", group=False)
+    committed, temps = _check_killed(out, data)
+    print(f"killed with {len(committed)} new parts committed, temporaries {sorted(temps)}")
+    assert 1 <= len(committed) < len(data.parts), committed
+    assert not {_ident(out / n) for n in committed} & old, "a part of the old run survived --overwrite"
+
+    # 2. --resume finishes it from the new parts.
+    kept = _snapshot_parts(out, committed)
+    s = _json_summary(_run_cli(data, out, "--resume", "--json"))
+    assert s["partitions"] == len(data.parts) and s["partitions_reused"] == len(committed), s
+    assert s["rows"] == s["rows_written"] == len(data.scores), s
+    assert _snapshot_parts(out, committed) == kept
+    _check_finished(out, data)
