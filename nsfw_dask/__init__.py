@@ -19,6 +19,7 @@ from .exact import ExactNSFWModel, load_vocabulary
 from .io import read_embeddings
 from .loading import clear_model_cache, load_model, model_cache_info
 from .models import MODEL_SPECS, ModelSpec, NSFWModel, Normalization
+from .pipeline import JobError, Summary, score_dataset
 from .plugin import NSFWModelPlugin
 from .scorer import NSFWScorer
 from .scoring import DEFAULT_BATCH_SIZE, nsfw_meta, score, score_nsfw
@@ -30,11 +31,13 @@ __all__ = [
     "EmbeddingColumnError",
     "EmbeddingFormatError",
     "ExactNSFWModel",
+    "JobError",
     "ModelSpec",
     "NSFWModel",
     "NSFWModelPlugin",
     "NSFWScorer",
     "Normalization",
+    "Summary",
     "NsfwDaskError",
     "WeightsError",
     "WeightsIntegrityError",
@@ -50,5 +53,6 @@ __all__ = [
     "read_embeddings",
     "resolve_weights",
     "score",
+    "score_dataset",
     "score_nsfw",
 ]
