@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from ._version import __version__
 from .exceptions import EmbeddingFormatError, NsfwDaskError
+from .io import _is_local, _show
 from .models import get_spec
 
 __all__ = [
@@ -179,16 +180,6 @@ def _fs(path: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     except (ImportError, ValueError) as e:
         raise JobError(f"cannot open {path}: {e}") from e
     return fs, (root.rstrip("/") or "/")
-
-
-def _is_local(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-def _show(fs: Any, path: str) -> str:
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _real(path: str) -> str:
