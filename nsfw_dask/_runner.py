@@ -9,7 +9,9 @@ is computed as whole 64-row blocks: ``Runner._padded``), and it runs at about tw
 rows/s at batch 1,024 on the 2-core CI machine (README, Performance).
 
 Buffers are sized to the largest batch seen (at most ``batch_size``) and grow on demand; runners
-are kept per thread in a weak mapping keyed by the model, so ``clear_model_cache`` frees them.
+are kept per thread in a weak mapping keyed by the model.  They never shrink on their own:
+``release_buffers`` (public: ``nsfw_dask.gpu.release_gpu_buffers``) frees them in every thread of
+the process, and the next batch allocates them again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from .exact import CategoricalEncoding, ExactNSFWModel
 from .models import NSFWModel
 
-__all__ = ["MIN_ROWS", "ROW_BLOCK", "Runner", "get_runner"]
+__all__ = ["MIN_ROWS", "ROW_BLOCK", "Runner", "get_runner", "release_buffers"]
 
 #: Every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
 #: ``MIN_ROWS`` rows, padding the last one (see ``Runner._padded``): measured here, batches of
@@ -33,6 +35,9 @@ ROW_BLOCK = 64
 MIN_ROWS = 256
 
 _tls = threading.local()
+#: Every runner of the process, whichever thread made it (for ``release_buffers``).
+_all_runners: weakref.WeakSet[Runner] = weakref.WeakSet()
+_all_lock = threading.Lock()
 
 
 class Runner:
@@ -68,9 +73,12 @@ class Runner:
         self.x_in: torch.Tensor | None = None
         self.x_norm = self.hidden = None  # type: ignore[assignment]
         # Host -> CUDA staging (a pandas partition scored with device="cuda"): two pinned buffers
-        # used in turn, so the memcpy of batch i+1 into one overlaps the GPU's work on batch i.
+        # used in turn, so the memcpy of batch i+1 into one overlaps the GPU's work on batch i;
+        # a float16/float64 batch lands in a device buffer of its own dtype (``_staged``) and is
+        # cast there, on the GPU.
         self._pinned: list[torch.Tensor | None] = [None, None]
         self._pinned_done: list[Any] = [None, None]
+        self._staged: torch.Tensor | None = None
         self._slot = 0
         self._pad: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._pad_out: torch.Tensor | None = None
@@ -82,8 +90,31 @@ class Runner:
         self.x_norm = torch.empty(n, self.dim, **kw)
         self.hidden = [torch.empty(n, w.shape[1], **kw) for w, _ in self.layers]
         self.x_in = None  # allocated only if a batch needs a cast or a move
-        self._pinned = [None, None]
+        self._pinned = [None, None]  # a copy still reading the old ones keeps them (torch's host allocator)
+        self._pinned_done = [None, None]
+        self._staged = None
         self.capacity = n
+
+    def release(self) -> bool:
+        """Drop every work buffer (they are allocated again by the next batch); True if any was held.
+
+        Only while no other thread scores with this runner (``release_buffers`` documents when).
+        """
+        held = self.capacity > 0 or bool(self._pad) or self._pad_out is not None
+        if self.device.type == "cuda" and held:
+            # the last batch's kernels may still read them: let them finish before the memory goes
+            torch.cuda.current_stream(self.device).synchronize()
+        self.capacity = 0
+        self.x_in = None
+        self.x_norm = self.hidden = None  # type: ignore[assignment]
+        self._pinned = [None, None]
+        self._pinned_done = [None, None]
+        self._staged = None
+        self._pad = {}
+        self._pad_out = None
+        if self._imputer is not None:
+            held = self._imputer.release() or held
+        return held
 
     def _padded(self, x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         """A batch whose length is not a multiple of ``ROW_BLOCK`` (or is under ``MIN_ROWS``),
@@ -118,9 +149,18 @@ class Runner:
         """Copy a CPU batch to ``self.x_in`` through pinned memory, asynchronously (CUDA only).
 
         ``copy_(non_blocking=True)`` from pageable memory is synchronous; from pinned memory it
-        is queued on the stream, so the host moves on to the next batch while this one computes.
-        A buffer is refilled only after the copy that last read it has finished (a CUDA event).
-        NOT RUN by the authors (no GPU); falls back to a plain copy if pinning fails.
+        is queued on the current stream of ``self.device`` (torch's ``copy_kernel_cuda`` sets the
+        destination device, then takes its current stream), so the host moves on to the next
+        batch while this one computes.  A pinned buffer is refilled only after the copy that last
+        read it has finished: a CUDA event recorded on that same stream (``Event.record()``
+        without a stream would record on the *current device's* stream, which is another one when
+        ``self.device`` is not the current device).
+
+        The host -> device copy is always between tensors of the same dtype: a cross-device copy
+        that also casts makes torch allocate a temporary device tensor on every call (a blocking
+        one casts on the CPU instead), so a float16 or float64 batch is copied into ``_staged``,
+        a device buffer of its own dtype, and cast into ``x_in`` on the GPU (same stream, so in
+        order).  NOT RUN by the authors (no GPU); falls back to a plain copy if pinning fails.
         """
         k = self._slot = self._slot ^ 1
         buf = self._pinned[k]
@@ -134,9 +174,16 @@ class Runner:
         if done is not None:
             done.synchronize()
         buf[:n].copy_(x)
-        staged = self.x_in[:n].copy_(buf[:n], non_blocking=True)
+        if x.dtype == self.dtype:
+            staged = self.x_in[:n].copy_(buf[:n], non_blocking=True)
+        else:
+            dev = self._staged
+            if dev is None or dev.dtype != x.dtype:
+                dev = self._staged = torch.empty(self.capacity, self.dim, dtype=x.dtype, device=self.device)
+            dev[:n].copy_(buf[:n], non_blocking=True)  # same dtype: a plain cudaMemcpyAsync
+            staged = self.x_in[:n].copy_(dev[:n])  # the cast, a kernel on the same device and stream
         ev = torch.cuda.Event()
-        ev.record()
+        ev.record(torch.cuda.current_stream(self.device))
         self._pinned_done[k] = ev
         return staged
 
@@ -209,4 +256,22 @@ def get_runner(model: NSFWModel | ExactNSFWModel, device: torch.device) -> Runne
     runner = runners.get(str(device))
     if runner is None:
         runner = runners[str(device)] = Runner(model, device)
+        with _all_lock:
+            _all_runners.add(runner)
     return runner
+
+
+def release_buffers(device_type: str | None = None) -> int:
+    """Free the work buffers of every runner in the process (of ``device_type`` only, if given).
+
+    Returns how many runners held buffers.  Call it while no scoring runs in the process (a
+    runner in use by another thread would lose its buffers mid-batch); the next batch of each
+    runner allocates them again.
+    """
+    with _all_lock:
+        runners = list(_all_runners)
+    n = 0
+    for r in runners:
+        if device_type is None or r.device.type == device_type:
+            n += bool(r.release())
+    return n
