@@ -1,4 +1,4 @@
-"""cuDF partitions: list leaves -> CuPy -> ``torch.from_dlpack`` on the current CUDA device.
+"""cuDF partitions: list leaves -> CuPy -> ``torch.from_dlpack`` on the device that holds them.
 
 The only module that imports cudf or cupy.  It is imported by ``nsfw_dask.dispatch`` the first
 time a cuDF DataFrame is scored (``Dispatch.register_lazy("cudf")``), never on a CPU-only path.
@@ -8,6 +8,15 @@ child that respects the slice offset, its float32 ``.values`` is a CuPy array ov
 device memory (CUDA array interface), and ``torch.from_dlpack`` wraps it.  On cuDF <= 25.12 a
 sliced column's leaves are a device copy made by cuDF.  Nulls inside a list are NaN-filled
 (a copy); null rows contribute no leaves and get NaN scores.
+
+Device: the partition is scored where its leaves are, the DLPack tensor's own device (not torch's
+current device, which in a multi-GPU process may be another one: every batch would then cross
+devices); ``default_device`` reports that device for the frame ``to_segments`` has just read.
+
+Parquet float16: libcudf reads a Parquet FLOAT16 column as fixed-length strings and cuDF has no
+float16 dtype, so a half-float embedding file arrives here as ``list<str>``; the error then says
+to read such files with pyarrow (``nsfw_dask.io.read_parquet_embeddings`` does it) and score the
+pandas partitions with ``device="cuda"``.
 
 Streams: cuDF exports no stream and torch uses its current stream; both are the legacy default
 stream unless ``CUDF_PER_THREAD_STREAM=1`` or a custom ``torch.cuda.Stream`` is used, in which
@@ -21,6 +30,8 @@ CUDA device exists.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from typing import Any
 
 import cudf
@@ -28,14 +39,23 @@ import cupy as cp
 import numpy as np
 import torch
 
-from ._common import choose_column, element_type_error, length_error
+from ._common import choose_column, length_error
 from .dispatch import Segment, backend_dispatch
-from .exceptions import EmbeddingFormatError
+from .exceptions import EmbeddingColumnError, EmbeddingFormatError
 from .models import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 _CAST_FIX = "Cast it, e.g. df[col] = df[col].astype(cudf.ListDtype('float32')), or pass column=."
+_HALF_FIX = (
+    "A list<str> column is what cuDF makes of a Parquet float16 (half-float) list column: cuDF has "
+    "no float16. Read such files with pyarrow, e.g. nsfw_dask.io.read_parquet_embeddings(path, "
+    "backend='cudf') (it does so by itself), and score those pandas partitions with device='cuda'."
+)
+
+# The device of the embeddings of the frame ``to_segments`` read last in this thread, for
+# ``default_device`` (called right after it by ``score_nsfw``); weak, so no partition is kept.
+_last = threading.local()
 
 
 def _is_float_element(t: Any) -> bool:
@@ -47,19 +67,42 @@ def _is_float_list_dtype(dtype: Any) -> bool:
     return isinstance(dtype, cudf.ListDtype) and _is_float_element(dtype.element_type)
 
 
+def _is_string_list_dtype(dtype: Any) -> bool:
+    """``list<str>``: what libcudf reads a Parquet FLOAT16 list column as."""
+    return isinstance(dtype, cudf.ListDtype) and bool(cudf.api.types.is_string_dtype(dtype.element_type))
+
+
+def _remember_device(df: Any, device: torch.device) -> None:
+    try:
+        _last.frame = weakref.ref(df)
+    except TypeError:  # not weak-referenceable: default_device falls back to "cuda"
+        _last.frame = None
+    _last.device = device
+
+
 class CudfBackend:
     name = "cudf"
 
     def default_device(self, df: cudf.DataFrame) -> str:
+        """The device of ``df``'s embeddings if ``to_segments`` just read them, else ``"cuda"``."""
+        ref = getattr(_last, "frame", None)
+        if ref is not None and ref() is df:
+            return str(_last.device)
         return "cuda"
 
     def resolve_column(self, df: cudf.DataFrame, column: Any, *, schema_only: bool) -> Any:
         dtypes = df.dtypes
-        return choose_column(
-            df, column,
-            is_candidate=lambda c: _is_float_list_dtype(dtypes[c]),
-            describe=dtypes.items(),
-        )
+        try:
+            return choose_column(
+                df, column,
+                is_candidate=lambda c: _is_float_list_dtype(dtypes[c]),
+                describe=dtypes.items(),
+            )
+        except EmbeddingColumnError as e:
+            kinds = [d for _, d in dtypes.items()]
+            if column is None and not any(map(_is_float_list_dtype, kinds)) and any(map(_is_string_list_dtype, kinds)):
+                raise type(e)(f"{e} {_HALF_FIX}") from None
+            raise
 
     def to_segments(self, df: cudf.DataFrame, column: Any, spec: ModelSpec) -> list[Segment]:
         s = df[column]
@@ -69,7 +112,11 @@ class CudfBackend:
                 f"Column {column!r} has dtype {d}; expected a list<float32> column of CLIP embeddings."
             )
         if not _is_float_element(d.element_type):
-            raise element_type_error(column, d.element_type, _CAST_FIX)
+            fix = _HALF_FIX if _is_string_list_dtype(d) else _CAST_FIX
+            raise EmbeddingFormatError(  # not _common.element_type_error: cuDF has no float16
+                f"Column {column!r} holds lists of {d.element_type}; expected lists of float32 or "
+                f"float64 (CLIP embeddings). {fix}"
+            )
         n, dim = len(s), spec.dim
         n_null = int(s.null_count)
         # 1. lengths, before anything is reshaped (null rows have <NA> length)
@@ -95,7 +142,8 @@ class CudfBackend:
                 f"{dim}. Rebuild the column, e.g. df[col] = df[col].dropna().reindex(df.index)."
             )
         arr = leaves.values  # CuPy array over the column's memory (CAI, no copy)
-        emb = torch.from_dlpack(arr.reshape(n_valid, dim))
+        emb = torch.from_dlpack(arr.reshape(n_valid, dim))  # on the device that holds the leaves
+        _remember_device(df, emb.device)
         if n_null == 0:
             return [Segment(0, n, emb)]
         rows = torch.from_dlpack(cp.flatnonzero(s.notna().values))
@@ -107,7 +155,8 @@ class CudfBackend:
             values = cp.full(n, np.nan, dtype=cp.float32)
         elif scores.is_cuda:
             torch.cuda.current_stream(scores.device).synchronize()
-            values = cp.from_dlpack(scores).copy()  # RMM-owned; frees torch's buffer
+            with cp.cuda.Device(scores.device.index):  # the copy on the scores' own device
+                values = cp.from_dlpack(scores).copy()  # RMM-owned; frees torch's buffer
         else:
             values = cp.asarray(scores.numpy())
         out = df.copy(deep=False)
