@@ -232,7 +232,12 @@ def read_embeddings(
     -------
     dask.dataframe.DataFrame
         Index: the global row number, ``0 .. total_rows - 1`` across all files in file order
-        (unique, with known divisions).
+        (unique, with known divisions).  Its partitions are pandas (Arrow) frames under any
+        ``dataframe.backend``, ``"cudf"`` included: ``dd.from_map`` is not dispatched on the
+        backend, and dask never fuses ``from_map`` partitions (``BlockwiseIO``'s
+        ``_fusion_compression_factor`` is 1), so ``rows_per_partition`` is what you get.  On
+        GPU workers score them with ``score_nsfw(..., device="cuda")``: batches are copied to the
+        GPU and cast there (float16 stays float16 on the host and over PCIe).
 
     Raises
     ------
@@ -325,6 +330,117 @@ def read_embeddings(
         _load_part, parts, meta=meta_df, divisions=divisions, label="read-embeddings",
         enforce_metadata=False, **kwargs,
     )
+
+
+_PARQUET_SUFFIXES = (".parq", ".parquet", ".pq")  # dd.read_parquet's parquet_file_extension
+_UNSET: Any = object()
+
+
+def half_float_list_columns(schema: pa.Schema) -> list[str]:
+    """The columns of ``schema`` that are lists (``list``, ``large_list``, ``fixed_size_list``) of float16.
+
+    libcudf reads a Parquet FLOAT16 column as fixed-length strings (``reader_impl_helpers.cpp``:
+    FIXED_LEN_BYTE_ARRAY without a DECIMAL logical type -> STRING) and cuDF has no float16 dtype,
+    so such embeddings cannot be read as cuDF partitions.
+    """
+    out = []
+    for field in schema:
+        t = field.type
+        if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+                or getattr(pa.types, "is_list_view", lambda _: False)(t)
+                or getattr(pa.types, "is_large_list_view", lambda _: False)(t)):
+            if pa.types.is_float16(t.value_type):
+                out.append(field.name)
+    return out
+
+
+def parquet_schema(path: Any, storage_options: dict[str, Any] | None = None) -> pa.Schema | None:
+    """The Arrow schema of the first parquet file of ``path`` (a file, folder, glob, URL or list of
+    them), from its footer only; None if no parquet file is found (``dd.read_parquet`` reports it)."""
+    from fsspec.core import url_to_fs
+
+    first = path[0] if isinstance(path, (list, tuple)) and path else path
+    if not isinstance(first, (str, os.PathLike)):
+        return None
+    fs, root = url_to_fs(os.fspath(first), **(storage_options or {}))
+    if any(c in root for c in "*?["):
+        candidates = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        if fs.isfile(f"{root.rstrip('/')}/_metadata"):
+            candidates = [f"{root.rstrip('/')}/_metadata"]
+        else:
+            candidates = sorted(fs.find(root))
+    else:
+        candidates = [root]
+    files = [f for f in candidates
+             if f.endswith("/_metadata") or (f.endswith(_PARQUET_SUFFIXES) and not _basename(f).startswith(("_", ".")))]
+    if not files:
+        return None
+    with fs.open(files[0], "rb") as f:
+        return pq.read_schema(f)
+
+
+def parquet_read_options(backend: str, schema: pa.Schema | None, blocksize: Any = _UNSET) -> tuple[str, dict[str, Any]]:
+    """``(backend to read with, keywords for dd.read_parquet)`` for :func:`read_parquet_embeddings`.
+
+    * ``"cudf"``: ``blocksize=None`` unless given: one partition per file.  dask_cudf's own
+      default (``"default"``) is 1/32 of the smallest worker GPU's memory and *fuses* smaller
+      files into one partition (``dask_cudf/io/parquet.py``: ``_normalize_blocksize``; fusion is
+      off only for ``blocksize=None``), so on a 141 GB GPU ~4.4 GB of files become one
+      partition and the other GPUs of the node wait.
+    * ``"cudf"`` with a float16 list column in ``schema``: read with the pandas backend and
+      ``dtype_backend="pyarrow"`` instead (cuDF cannot hold float16; see
+      :func:`half_float_list_columns`).
+    * ``"pandas"``: ``dtype_backend="pyarrow"`` (Arrow list columns, no per-row objects);
+      ``blocksize`` only if given (dask's default otherwise).
+    """
+    if backend not in ("pandas", "cudf"):
+        raise ValueError(f"backend must be 'pandas' or 'cudf', not {backend!r}")
+    if backend == "cudf" and not (schema is not None and half_float_list_columns(schema)):
+        return "cudf", {"blocksize": None if blocksize is _UNSET else blocksize}
+    kw: dict[str, Any] = {"dtype_backend": "pyarrow"}
+    if blocksize is not _UNSET:
+        kw["blocksize"] = blocksize
+    return "pandas", kw
+
+
+def read_parquet_embeddings(
+    path: Any,
+    *,
+    backend: str | None = None,
+    blocksize: Any = _UNSET,
+    storage_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Read parquet files of embeddings (``list<float>`` columns) as a Dask DataFrame, CPU or GPU.
+
+    The one reading function for parquet input on both backends (the benchmark and the GPU
+    notebook use it).  ``backend`` (default: dask's ``dataframe.backend``):
+
+    * ``"pandas"``: ``dd.read_parquet(path, dtype_backend="pyarrow")``: Arrow list columns.
+    * ``"cudf"``: cuDF partitions, **one per file** (``blocksize=None``; pass ``blocksize=`` to
+      choose a size instead).  If the first file's schema has a float16 list column, which
+      cuDF cannot read, the files are read with pyarrow into pandas partitions instead (a log
+      line says so): score those with ``score_nsfw(..., device="cuda")``.
+
+    With the pandas backend dask may still fuse files smaller than
+    ``dataframe.parquet.minimum-partition-size`` (75 MB by default) when the graph is optimized.
+    Other keywords go to ``dd.read_parquet``.
+    """
+    import logging
+
+    import dask
+    import dask.dataframe as dd
+
+    backend = backend or dask.config.get("dataframe.backend", "pandas") or "pandas"
+    schema = parquet_schema(path, storage_options) if backend == "cudf" else None
+    use, kw = parquet_read_options(backend, schema, blocksize)
+    if use != backend:
+        logging.getLogger(__name__).info(
+            "columns %s hold float16 lists, which cuDF cannot read: reading with pyarrow (pandas "
+            "partitions; score them with device='cuda')", half_float_list_columns(schema))
+    with dask.config.set({"dataframe.backend": use}):
+        return dd.read_parquet(path, storage_options=storage_options, **{**kw, **kwargs})
 
 
 def read_input(path: Any, **kwargs: Any) -> Any:
