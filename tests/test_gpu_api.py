@@ -82,7 +82,8 @@ def test_backend_modules_import(cudf: Any) -> None:
     for name in ("default_device", "resolve_column", "to_segments", "attach"):
         assert callable(getattr(backend.CudfBackend, name, None)), f"CudfBackend.{name} missing"
     assert backend.CudfBackend.name == "cudf"
-    for name in ("cuda_available", "local_cuda_cluster", "use_rmm_for_torch"):
+    for name in ("cuda_available", "local_cuda_cluster", "use_rmm_for_torch", "cuda_cluster_options",
+                 "check_cuda_workers", "cuda_worker_options", "release_gpu_buffers"):
         assert callable(getattr(gpu, name, None)), f"nsfw_dask.gpu.{name} missing"
 
 
@@ -464,13 +465,15 @@ def test_local_cuda_cluster_signature() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": True,
+        ({}, {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": False,
               "rmm_async": True}),
         ({"rmm_pool_size": "1GB"}, {"rmm_allocator_external_lib_list": ["torch", "cupy"],
-                                    "enable_cudf_spill": True, "rmm_pool_size": "1GB"}),
-        ({"enable_cudf_spill": False, "n_workers": 1},
-         {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": False,
-          "rmm_async": True, "n_workers": 1}),
+                                    "enable_cudf_spill": False, "rmm_pool_size": "1GB"}),
+        ({"rmm_managed_memory": True}, {"rmm_allocator_external_lib_list": ["torch", "cupy"],
+                                        "enable_cudf_spill": False, "rmm_managed_memory": True}),
+        ({"enable_cudf_spill": True, "n_workers": 1, "threads_per_worker": 2},
+         {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": True,
+          "rmm_async": True, "n_workers": 1, "threads_per_worker": 2}),
     ],
 )
 def test_local_cuda_cluster_recipe_binds(monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any],
@@ -493,6 +496,198 @@ def test_local_cuda_cluster_recipe_binds(monkeypatch: pytest.MonkeyPatch, kwargs
     assert gpu.local_cuda_cluster(**kwargs) == "cluster"
     assert seen == expected
     assert not (seen.get("rmm_async") and seen.get("rmm_pool_size") is not None)
+    assert not (seen.get("rmm_async") and seen.get("rmm_managed_memory"))
+
+
+def _rmm_setup(opts: dict[str, Any]) -> Any:
+    """dask-cuda's RMMSetup worker plugin built from the options, as ``LocalCUDACluster`` does
+    (``new_worker_spec`` -> ``worker_plugins``); its ``__init__`` validates and touches no GPU."""
+    from dask_cuda.plugins import RMMSetup
+
+    return RMMSetup(
+        initial_pool_size=opts.get("rmm_pool_size"),
+        maximum_pool_size=opts.get("rmm_maximum_pool_size"),
+        managed_memory=opts.get("rmm_managed_memory", False),
+        async_alloc=opts.get("rmm_async", False),
+        release_threshold=opts.get("rmm_release_threshold"),
+        log_directory=None,
+        track_allocations=False,
+        external_lib_list=opts.get("rmm_allocator_external_lib_list"),
+    )
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"rmm_pool_size": "1GB"}, {"rmm_managed_memory": True}, {"rmm_async": False},
+    {"rmm_managed_memory": True, "rmm_pool_size": "1GB"}, {"rmm_release_threshold": "1GB"},
+    {"rmm_async": True, "rmm_release_threshold": "1GB", "rmm_maximum_pool_size": "2GB"},
+])
+def test_cluster_options_are_accepted_by_rmm_setup(kwargs: dict[str, Any]) -> None:
+    """Every allocator mode ``cuda_cluster_options`` produces passes dask-cuda's own checks."""
+    dask_cuda = pytest.importorskip("dask_cuda")
+    import nsfw_dask.gpu as gpu
+
+    _assert_params(dask_cuda.plugins.RMMSetup.__init__,
+                   ["initial_pool_size", "maximum_pool_size", "managed_memory", "async_alloc",
+                    "release_threshold", "log_directory", "track_allocations", "external_lib_list"],
+                   "dask_cuda.plugins.RMMSetup", "dask_cuda")
+    _rmm_setup(gpu.cuda_cluster_options(**kwargs))
+
+
+@pytest.mark.parametrize(("kwargs", "ours", "theirs"), [
+    ({"rmm_async": True, "rmm_managed_memory": True}, "cannot be combined", "incompatible"),
+    ({"rmm_pool_size": "1GB", "rmm_release_threshold": "1GB"}, "needs the async", "requires"),
+])
+def test_refused_combinations_are_refused_by_dask_cuda_too(kwargs: dict[str, Any], ours: str, theirs: str) -> None:
+    """The combinations ``cuda_cluster_options`` refuses in one line are the ones dask-cuda refuses."""
+    pytest.importorskip("dask_cuda")
+    import nsfw_dask.gpu as gpu
+
+    with pytest.raises(ValueError, match=ours):
+        gpu.cuda_cluster_options(**kwargs)
+    with pytest.raises(ValueError, match=theirs):
+        _rmm_setup({"rmm_allocator_external_lib_list": None, **kwargs})
+
+
+def test_dask_cuda_spilling_facts() -> None:
+    """docs/gpu.md's reasons for ``enable_cudf_spill=False``, in the installed dask-cuda:
+    with cuDF spilling on, ``DeviceHostFile`` keeps cuDF frames out of its own device->host
+    spilling; ``LocalCUDACluster(enable_cudf_spill=True)`` turns cuDF spilling on in the client
+    too; the default ``device_memory_limit`` is ``"default"`` (80%); one worker per GPU."""
+    dask_cuda = pytest.importorskip("dask_cuda")
+    from dask_cuda.device_host_file import DeviceHostFile
+    from dask_cuda.is_spillable_object import cudf_spilling_status  # noqa: F401
+
+    src = inspect.getsource(DeviceHostFile.__setitem__)
+    assert "is_spillable_object(value)" in src and "self.others[key] = value" in src, (
+        f"dask_cuda {dask_cuda.__version__}: DeviceHostFile no longer sets cuDF-spillable frames aside"
+    )
+    init = inspect.getsource(dask_cuda.LocalCUDACluster.__init__)
+    assert 'cudf.set_option("spill", enable_cudf_spill)' in init, (
+        f"dask_cuda {dask_cuda.__version__}: enable_cudf_spill no longer switches the client process"
+    )
+    params = _params(dask_cuda.LocalCUDACluster.__init__)
+    assert params["device_memory_limit"].default == "default"
+    assert params["enable_cudf_spill"].default is False
+    assert params["threads_per_worker"].default == 1
+    assert "Can not scale beyond visible devices" in inspect.getsource(dask_cuda.LocalCUDACluster.new_worker_spec)
+
+
+def test_cudf_exposed_buffers_are_unspillable(cudf: Any) -> None:
+    """A column's ``__cuda_array_interface__`` (how the leaves reach torch) accesses its buffer with
+    ``scope="external"``, which marks a spillable buffer exposed: "unspillable permanently"."""
+    from cudf.core.buffer.spillable_buffer import SpillableBufferOwner
+    from cudf.core.column.column import ColumnBase
+
+    cai = inspect.getattr_static(ColumnBase, "__cuda_array_interface__").fget
+    assert 'scope="external"' in inspect.getsource(cai), f"{_version('cudf')}: CAI access scope changed"
+    mark = SpillableBufferOwner.mark_exposed
+    assert "unspillable permanently" in (mark.__doc__ or ""), f"{_version('cudf')}: mark_exposed changed"
+
+
+# -- parquet reading ----------------------------------------------------------------------------
+
+
+def test_dask_cudf_read_parquet_blocksize(cudf: Any) -> None:
+    """``blocksize=None`` disables dask_cudf's partition fusion (default: 1/32 of a GPU)."""
+    pytest.importorskip("dask_cudf")
+    from dask_cudf.io import parquet as dcp
+
+    _assert_params(dcp.read_parquet, ["path", "blocksize", "storage_options"], "dask_cudf read_parquet", "dask_cudf")
+    assert _params(dcp.read_parquet)["blocksize"].default == "default"
+    src = inspect.getsource(dcp.read_parquet)
+    assert "_normalize_blocksize()" in src, f"{_version('dask_cudf')}: default blocksize no longer device-sized"
+    assert _params(dcp._normalize_blocksize)["fraction"].default == 0.03125
+    fusion = inspect.getsource(dcp.CudfReadParquetFSSpec._fusion_compression_factor.func)
+    assert "if self.blocksize is None:" in fusion and "return 1" in fusion, (
+        f"{_version('dask_cudf')}: blocksize=None may no longer disable partition fusion"
+    )
+    from dask_cudf.backends import CudfBackendEntrypoint
+
+    assert "read_parquet" in inspect.getsource(CudfBackendEntrypoint.read_parquet)
+
+
+def test_cudf_has_no_float16(cudf: Any) -> None:
+    """Why float16 parquet goes through pyarrow: cuDF refuses float16 Arrow data."""
+    from cudf.core.column.column import ColumnBase
+
+    src = inspect.getsource(ColumnBase.from_arrow)
+    assert "is_float16(array.type)" in src and "NotImplementedError" in src, (
+        f"{_version('cudf')}: cuDF may read float16 now; read_parquet_embeddings' pyarrow detour "
+        "could be dropped"
+    )
+
+
+def test_half_float_hint_for_list_of_strings(cudf: Any) -> None:
+    """A list<str> column (libcudf's reading of Parquet FLOAT16) gets the pyarrow hint."""
+    from nsfw_dask._cudf import CudfBackend, _is_string_list_dtype
+    from nsfw_dask.exceptions import EmbeddingColumnError, EmbeddingFormatError
+    from nsfw_dask.models import get_spec
+
+    assert cudf.api.types.is_string_dtype(cudf.ListDtype("str").element_type)
+    assert _is_string_list_dtype(cudf.ListDtype("str"))
+    assert not _is_string_list_dtype(cudf.ListDtype("float32"))
+    frame = _SchemaOnlyFrame({"id": np.dtype("int64"), "emb": cudf.ListDtype("str")})
+    with pytest.raises(EmbeddingColumnError) as e:
+        CudfBackend().resolve_column(frame, None, schema_only=True)
+    assert "float16" in str(e.value) and "read_parquet_embeddings" in str(e.value)
+    # a float list beside it is still found
+    ok = _SchemaOnlyFrame({"tags": cudf.ListDtype("str"), "emb": cudf.ListDtype("float32")})
+    assert CudfBackend().resolve_column(ok, None, schema_only=True) == "emb"
+    with pytest.raises(EmbeddingFormatError) as e2:
+        CudfBackend().to_segments(frame, "emb", get_spec("vit-l-14"))
+    msg = str(e2.value)
+    assert "expected lists of float32 or float64" in msg and "float16, float32" not in msg
+    assert "read_parquet_embeddings" in msg
+
+
+# -- device of the data -------------------------------------------------------------------------
+
+
+def test_default_device_follows_the_segments(cudf: Any) -> None:
+    import torch
+
+    import nsfw_dask._cudf as backend
+
+    class Frame:  # any weak-referenceable object stands in for the partition
+        pass
+
+    a, b = Frame(), Frame()
+    assert backend.CudfBackend().default_device(a) == "cuda"
+    backend._remember_device(a, torch.device("cuda", 1))
+    assert backend.CudfBackend().default_device(a) == "cuda:1"
+    assert backend.CudfBackend().default_device(b) == "cuda"  # another frame: torch's current device
+    assert torch.device(backend.CudfBackend().default_device(a)).index == 1
+
+
+def test_cupy_device_context(cupy: Any) -> None:
+    """``attach`` copies the scores under ``cp.cuda.Device(scores.device.index)``."""
+    assert hasattr(cupy.cuda.Device, "__enter__") and hasattr(cupy.cuda.Device, "__exit__")
+
+
+# -- what tests/test_gpu.py needs for RMM statistics --------------------------------------------
+
+
+def test_rmm_statistics_api() -> None:
+    pytest.importorskip("rmm")
+    import rmm.statistics as st
+
+    for name in ("statistics", "get_statistics", "enable_statistics"):
+        assert callable(getattr(st, name, None)), f"rmm.statistics.{name} missing ({_version('rmm')})"
+    assert "current_bytes" in st.Statistics.__dataclass_fields__
+    import rmm.mr
+
+    assert isinstance(getattr(rmm.mr, "CudaAsyncMemoryResource", None), type)
+
+
+def test_torch_staging_api() -> None:
+    """What ``Runner._stage_to_cuda`` and ``release_gpu_buffers`` call."""
+    import torch
+
+    _assert_params(torch.cuda.Event.record, ["stream"], "torch.cuda.Event.record", "torch")
+    for name in ("synchronize", "record"):
+        assert callable(getattr(torch.cuda.Event, name, None))
+    for name in ("is_initialized", "empty_cache", "memory_stats", "current_stream"):
+        assert callable(getattr(torch.cuda, name, None)), f"torch.cuda.{name} missing ({_version('torch')})"
 
 
 # -- what tests/test_gpu.py builds its frames with ----------------------------------------------

@@ -270,7 +270,7 @@ def test_float16_parquet_with_the_cudf_backend_reads_with_pyarrow(half_folder: t
         assert type(ddf._meta) is pd.DataFrame
         assert ddf.npartitions == 3
         df = ddf.compute(scheduler="sync")
-    assert str(df["emb"].dtype).startswith(("fixed_size_list<element: halffloat>", "list<element: halffloat>"))
+    assert df["emb"].dtype.pyarrow_dtype == pa.list_(pa.float16(), 768)
     got = np.stack([np.asarray(v, dtype=np.float16) for v in df.sort_values("id")["emb"]])
     np.testing.assert_array_equal(got.view(np.uint16), x.view(np.uint16))
 
@@ -352,3 +352,29 @@ def test_release_buffers_frees_and_rescoring_is_unchanged() -> None:
     after = score_tensor(head, x, batch_size=512, device=dev)
     assert torch.equal(before, after)  # allocated again, same arithmetic, same bits
     assert runner.capacity == 512
+
+
+# ----------------------------------------------------------------------------- parquet_npy under cudf
+
+
+def test_read_embeddings_partitions_are_never_merged_under_the_cudf_backend(tmp_path: Path) -> None:
+    """Issue 11 item 1 does not apply to ``read_embeddings``: ``dd.from_map`` is not dispatched on
+    ``dataframe.backend`` and dask's optimizer never fuses ``from_map`` partitions, so the
+    ``rows_per_partition`` split survives optimization, with pandas partitions."""
+    import dask
+
+    root = tmp_path / "laion"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    x = np.random.default_rng(2).standard_normal((30, 768)).astype(np.float16)
+    for i in range(3):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[10 * i:10 * i + 10])
+        pq.write_table(pa.table({"key": [f"{i}-{j}" for j in range(10)]}), root / "metadata" / f"metadata_{i}.parquet")
+    with dask.config.set({"dataframe.backend": "cudf"}):
+        ddf = nio.read_embeddings(root, rows_per_partition=4)
+        assert type(ddf._meta) is pd.DataFrame
+        assert ddf.npartitions == 9  # 4 + 4 + 2 rows per file
+        assert ddf.optimize().npartitions == 9
+        df = ddf.compute(scheduler="sync")
+    assert df["embedding"].dtype.pyarrow_dtype == pa.list_(pa.float16(), 768)
+    assert list(df.index) == list(range(30))
