@@ -206,7 +206,6 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
     import uuid
 
     import dask
-    import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
     spec = get_spec(args.model)
@@ -216,18 +215,22 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
         write_dataset(src, n, spec.dim, args.rows_per_partition)
     limit = result["limit"]["rows_per_s"]
     layouts = {}
+    from nsfw_dask.io import read_parquet_embeddings
+
+    partitions = None
     for workers, threads in ([(None, None)] if gpu else args.layouts):
         if gpu:
             from nsfw_dask.gpu import local_cuda_cluster
 
             cluster_cm: Any = local_cuda_cluster()
             backend = dask.config.set({"dataframe.backend": "cudf"})
-            read_kw: dict[str, Any] = {}
         else:
             cluster_cm = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                                       dashboard_address=None, silence_logs=40)
             backend = contextlib.nullcontext()
-            read_kw = {"dtype_backend": "pyarrow"}
+        # one reader for both: cuDF partitions one per file (blocksize=None: dask_cudf would fuse
+        # files into 1/32 of a GPU), pandas partitions with Arrow lists
+        read_backend = "cudf" if gpu else "pandas"
         with cluster_cm as cluster, Client(cluster) as client, backend:
             client.register_plugin(nsfw_dask.NSFWModelPlugin(spec.name, device="cuda" if gpu else "cpu"))
             if gpu:
@@ -235,7 +238,7 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
 
             def pipeline(score: bool) -> Callable[[], None]:
                 def run() -> None:
-                    ddf = dd.read_parquet(str(src), **read_kw)
+                    ddf = read_parquet_embeddings(str(src), backend=read_backend)
                     if score:
                         ddf = ddf.map_partitions(score_nsfw, model=spec.name)
                     out = workdir / f"out-{uuid.uuid4().hex[:8]}"
@@ -243,6 +246,8 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
                     shutil.rmtree(out)
                 return run
 
+            # what the runs really use, after dask's optimizer (which may fuse partitions)
+            partitions = read_parquet_embeddings(str(src), backend=read_backend).optimize().npartitions
             med = interleaved({"with_scoring": pipeline(True), "without_scoring": pipeline(False)},
                               args.repeats_dask)
         added = med["with_scoring"] - med["without_scoring"]
@@ -254,7 +259,8 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
             "added_over_ideal": added / (n / limit),
         }
     key = "dask_gpu" if gpu else "dask"
-    result[key] = {"rows": n, "rows_per_partition": args.rows_per_partition, "layouts": layouts}
+    result[key] = {"rows": n, "rows_per_file": args.rows_per_partition, "partitions": partitions,
+                   "rows_per_partition": n / partitions if partitions else None, "layouts": layouts}
 
 
 def _device_bandwidth(dev: torch.device, repeats: int, timed: Callable[[Callable[[], Any]], Callable[[], None]]) -> float:
@@ -296,6 +302,12 @@ def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
     fns["score_nsfw_cudf"] = timed(lambda: score_nsfw(gdf, model=spec.name))
     fns["score_nsfw_cudf_exact"] = timed(lambda: score_nsfw(gdf, model=spec.name, exact=True))
     med = interleaved(fns, args.repeats)
+    # the sweep leaves work buffers sized to the largest batch (GBs) in this process: free them
+    # before the LocalCUDACluster's workers want the same GPU
+    from nsfw_dask.gpu import release_gpu_buffers
+
+    del fns, xt, gdf
+    release_gpu_buffers()
     roofline = bandwidth / (spec.dim * 4)
     result["gpu"] = {
         "device": torch.cuda.get_device_name(dev),
