@@ -207,18 +207,26 @@ class Runner:
             return
         self._reserve(n)
         src = x
-        if x.dtype != self.dtype or x.device != self.device:
-            if self.x_in is None:
-                self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
-            if x.device.type == "cpu" and self.device.type == "cuda":
-                x = self._stage_to_cuda(x, n)
-            else:
-                x = self.x_in[:n].copy_(x, non_blocking=True)
         enc = self.encoding
-        if enc is not None and self.impute_eagerly:  # exact mode: NaN -> 0 (+-inf kept)
+        eager = enc is not None and self.impute_eagerly
+        h = None
+        if x.dtype != self.dtype or x.device != self.device:
+            if x.device.type == "cpu" and self.device.type == "cuda":
+                if self.x_in is None:
+                    self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
+                x = self._stage_to_cuda(x, n)
+            elif not eager:
+                # cast straight into the normalization buffer and subtract in place: the same
+                # float32 arithmetic as ``sub(cast, mean)``, one buffer (and one pass) fewer
+                h = self.x_norm[:n].copy_(x, non_blocking=True).sub_(self.mean)
+            else:
+                if self.x_in is None:
+                    self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
+                x = self.x_in[:n].copy_(x, non_blocking=True)
+        if h is None and eager:  # exact mode: NaN -> 0 (+-inf kept)
             h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=self.x_norm[:n])
             h.sub_(self.mean)
-        else:
+        elif h is None:
             h = torch.sub(x, self.mean, out=self.x_norm[:n])
         h.div_(self.std)
         if enc is not None:  # the categorical columns: their vocabulary indices, normalized
