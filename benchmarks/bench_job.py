@@ -23,8 +23,8 @@ load) cancel and what remains is the per-row cost of the job at scale.  Runs are
   in chunks of 4,096 rows, pyarrow read of the metadata, ``pq.write_table``; its text is in the
   JSON), marginal rows/s the same way; ``cli_over_script`` = CLI / script (target >= 2).
 * ``cli_parquet``: the CLI on the list<float32> parquet copy.  ``read_only_parquet``: a whole
-  process that starts the same LocalCluster the CLI starts by default (the rule of
-  ``nsfw_dask.pipeline._cluster``) and, per partition of the same plan (``plan_input``), only
+  process that starts the same LocalCluster the CLI starts by default
+  (``nsfw_dask.pipeline.default_cluster_shape``) and, per partition of the same plan (``plan_input``), only
   reads that partition with the job's own reader (``nsfw_dask.io._read_rows``) and returns its row
   count: the floor.  ``overhead`` = (CLI marginal time - read marginal time) / read marginal time
   (target <= 0.10); the marginal time includes scoring and writing.
@@ -110,14 +110,12 @@ def read_part(fs, part):
 
 def main():
     from distributed import Client, LocalCluster, as_completed
-    from nsfw_dask.pipeline import plan_input
+    from nsfw_dask.pipeline import default_cluster_shape, plan_input
 
     t0 = time.perf_counter()
     plan = plan_input(sys.argv[1])
     # the CLI's default layout (nsfw_dask.pipeline._cluster with no --workers/--threads-per-worker)
-    n_cpu = os.cpu_count() or 1
-    workers = min(n_cpu, 4)
-    threads = max(1, n_cpu // workers)
+    workers, threads = default_cluster_shape()
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                       dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster, \\
             Client(cluster) as c:

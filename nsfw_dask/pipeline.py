@@ -903,6 +903,48 @@ def _probe_on_worker(probe: str | None, token: str, checks: list[tuple[str, int]
     return ok, None
 
 
+#: Dask threads per worker process in the cluster the job starts on CPU machines.  Each thread
+#: scores its own partition with one torch thread (the nanny sets ``OMP_NUM_THREADS=1``); the
+#: processes share no memory, so fewer, fuller processes keep one copy of the model and of the
+#: page cache's hot pages.  Measured on 2 cores (README, Performance): 1 process x 2 threads
+#: scored ~17 % more rows/s than 2 processes x 1 thread; up to 4 threads per process keeps the
+#: GIL (held between torch calls) from being contended.
+THREADS_PER_WORKER = 4
+
+
+def default_cluster_shape(n_workers: int | None = None, threads_per_worker: int | None = None,
+                          n_cpu: int | None = None) -> tuple[int, int]:
+    """``(workers, threads_per_worker)`` of the CPU cluster ``score_dataset`` starts.
+
+    What is given wins; the rest fills the machine's cores with workers of at most 4 threads
+    (1 x 2 on 2 cores, 2 x 3 on 6, 2 x 4 on 8, 16 x 4 on 64).
+
+    Examples
+    --------
+    >>> default_cluster_shape(n_cpu=2), default_cluster_shape(n_cpu=6), default_cluster_shape(3, n_cpu=8)
+    ((1, 2), (2, 3), (3, 2))
+    """
+    n_cpu = max(1, n_cpu or os.cpu_count() or 1)
+    if n_workers and threads_per_worker:
+        return n_workers, threads_per_worker
+    if n_workers:
+        return n_workers, max(1, n_cpu // n_workers)
+    if threads_per_worker:
+        return max(1, n_cpu // threads_per_worker), threads_per_worker
+    workers = -(-n_cpu // THREADS_PER_WORKER)
+    return workers, -(-n_cpu // workers)
+
+
+def _gpu_cluster_options(n_workers: int | None, threads_per_worker: int | None) -> dict[str, Any]:
+    """The keywords for ``local_cuda_cluster`` (checked against the visible GPUs: exit code 2)."""
+    from .gpu import cuda_worker_options
+
+    try:
+        return cuda_worker_options(n_workers, threads_per_worker)
+    except ValueError as e:
+        raise JobError(str(e), 2) from None
+
+
 @contextlib.contextmanager
 def _cluster(client: Any, n_workers: int | None, threads_per_worker: int | None, gpu: bool,
              quiet: bool) -> Iterator[tuple[Any, bool]]:
@@ -915,13 +957,11 @@ def _cluster(client: Any, n_workers: int | None, threads_per_worker: int | None,
     if gpu:
         from .gpu import local_cuda_cluster
 
-        cluster = local_cuda_cluster(**({"n_workers": n_workers} if n_workers else {}))
+        cluster = local_cuda_cluster(**_gpu_cluster_options(n_workers, threads_per_worker))
     else:
         from distributed import LocalCluster
 
-        n_cpu = os.cpu_count() or 1
-        workers = n_workers or (1 if threads_per_worker else min(n_cpu, 4))
-        threads = threads_per_worker or max(1, n_cpu // workers)
+        workers, threads = default_cluster_shape(n_workers, threads_per_worker)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                                dashboard_address=":0",  # a free port: no clash, no warning
                                silence_logs=logging.CRITICAL if quiet else logging.WARNING)
@@ -1059,6 +1099,8 @@ def score_dataset(
     if external:  # workers may be on other nodes: local paths must be the same folders there
         _probe_shared_folder(client, out_fs, out_root, plan, output_given)
 
+    if gpu and not external:  # --workers beyond the visible GPUs: refused before OUTPUT exists
+        _gpu_cluster_options(n_workers, threads_per_worker)
     resolve_weights(spec.name, opts.model_dir)  # fail fast, on the client, with the fix in the message
     if exact:
         from .exact import load_vocabulary

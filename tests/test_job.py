@@ -468,3 +468,20 @@ def test_library_error_for_bad_rows_names_the_file(tmp_path, client, l14_ref):
     pq.write_table(pa.table({"embedding": pa.array(rows, type=pa.list_(pa.float32()))}), tmp_path / "a.parquet")
     with pytest.raises(EmbeddingFormatError, match=r"a\.parquet, rows 0-99 of that file .*row 9 has 10 values"):
         score_dataset(tmp_path / "a.parquet", tmp_path / "o", client=client)
+
+
+@pytest.mark.parametrize("given, n_cpu, expected", [
+    ((None, None), 1, (1, 1)), ((None, None), 2, (1, 2)), ((None, None), 4, (1, 4)),
+    ((None, None), 6, (2, 3)), ((None, None), 8, (2, 4)), ((None, None), 64, (16, 4)),
+    ((2, None), 2, (2, 1)), ((3, None), 8, (3, 2)), ((None, 1), 2, (2, 1)), ((None, 3), 2, (1, 3)),
+    ((5, 7), 2, (5, 7)),
+])
+def test_default_cluster_shape(given, n_cpu, expected):
+    """The CPU cluster the job starts: what is given wins, the rest fills the cores with
+    workers of at most 4 threads (every core used, never more than one thread short)."""
+    from nsfw_dask.pipeline import default_cluster_shape
+
+    workers, threads = default_cluster_shape(*given, n_cpu=n_cpu)
+    assert (workers, threads) == expected
+    if given == (None, None):
+        assert threads <= 4 and workers * threads >= n_cpu > (workers - 1) * threads
