@@ -45,7 +45,9 @@ class Runner:
 
     def __init__(self, model: NSFWModel | ExactNSFWModel, device: torch.device, *,
                  impute_eagerly: bool | None = None) -> None:
-        self.model = model
+        # weak: the per-thread mapping is keyed by the model, and a strong reference from its
+        # value would keep the model (and these buffers) alive after ``clear_model_cache``
+        self._model = weakref.ref(model)
         self.encoding: CategoricalEncoding | None = None
         # Exact mode's NaN -> 0: on CUDA an extra elementwise pass on every batch (no host sync);
         # on CPU only for the rows whose score came out NaN (a NaN input always gives a NaN
@@ -249,7 +251,10 @@ class Runner:
             if bool(nan.any()):  # rows with a NaN input: again, imputing (or NaN/inf for real)
                 rows = nan.nonzero().view(-1)
                 if self._imputer is None:
-                    self._imputer = Runner(self.model, self.device, impute_eagerly=True)
+                    model = self._model()
+                    if model is None:  # pragma: no cover - a caller holds the model while scoring
+                        raise RuntimeError("internal error: the model of this runner was freed")
+                    self._imputer = Runner(model, self.device, impute_eagerly=True)
                 fixed = torch.empty(len(rows), dtype=out.dtype, device=out.device)
                 self._imputer(src[rows.to(src.device)], fixed, None if codes is None else codes[rows])
                 out[rows] = fixed

@@ -77,7 +77,8 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster")
     g.add_argument("--gpu", action="store_true",
-                   help="embedded LocalCUDACluster and cuDF partitions (needs a GPU and nsfw-dask[gpu-cu12|13])")
+                   help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read with "
+                        "pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .exceptions import EmbeddingFormatError
 
-__all__ = ["is_parquet_npy", "read_embeddings", "read_input"]
+__all__ = ["is_parquet_npy", "read_embeddings", "read_input", "read_parquet_embeddings"]
 
 _NPY = re.compile(r"img_emb_(\d+)\.npy")
 _META = re.compile(r"metadata_(\d+)\.parquet")
@@ -446,10 +446,10 @@ def read_parquet_embeddings(
 def read_input(path: Any, **kwargs: Any) -> Any:
     """Read ``path`` for scoring: a parquet_npy folder, else parquet with Arrow list columns.
 
-    ``path`` may be local or an fsspec URL; for parquet also a glob or a list of paths.
+    ``path`` may be local or an fsspec URL; for parquet also a glob or a list of paths.  Parquet
+    goes through :func:`read_parquet_embeddings` (Arrow list columns on pandas; one cuDF partition
+    per file, and float16 lists through pyarrow, under the cudf backend).
     """
-    import dask.dataframe as dd
-
     if isinstance(path, (str, os.PathLike)):
         try:
             npy_layout = is_parquet_npy(path)
@@ -457,4 +457,4 @@ def read_input(path: Any, **kwargs: Any) -> Any:
             npy_layout = False  # let read_parquet report it
         if npy_layout:
             return read_embeddings(path, **kwargs)
-    return dd.read_parquet(path, dtype_backend="pyarrow", **kwargs)
+    return read_parquet_embeddings(path, **kwargs)

@@ -136,9 +136,13 @@ def model_cache_info() -> dict[str, Any]:
 
 
 def clear_model_cache() -> None:
-    """Forget every loaded model and resolved weights path in this process."""
+    """Forget every loaded model and resolved weights path in this process, and free the scoring
+    work buffers (CPU and GPU) of every thread; call it while nothing scores in the process."""
+    from ._runner import release_buffers
+
     with _lock:
         _models.clear()
         _resolved.clear()
         _loads.clear()
     clear_vocabulary_cache()
+    release_buffers()

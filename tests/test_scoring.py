@@ -192,3 +192,24 @@ def test_model_state_dict_keys_match_laion(weights_dir):
             f"linear_{i}.{p}" for i in range(1, n_lin + 1) for p in ("weight", "bias")}
         m.load_state_dict(sd, strict=True)
         assert m(torch.zeros(5, m.spec.dim)).shape == (5, 1)
+
+
+def test_clear_model_cache_frees_model_and_buffers(frame):
+    """A runner (per-thread work buffers) must not keep its model alive: after
+    clear_model_cache the model and every runner's buffers are gone (they leaked before)."""
+    import gc
+    import weakref
+
+    from nsfw_dask import clear_model_cache, load_model
+    from nsfw_dask._runner import _all_runners
+
+    model = load_model("vit-l-14", device="cpu")
+    out = score_nsfw(frame.iloc[:300], column="embedding")
+    assert out["nsfw_score"].notna().all()
+    assert any(r.capacity > 0 for r in _all_runners)
+    ref = weakref.ref(model)
+    del model
+    clear_model_cache()
+    gc.collect()
+    assert ref() is None
+    assert all(r.capacity == 0 for r in _all_runners)
