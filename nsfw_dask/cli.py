@@ -12,24 +12,15 @@ import importlib.util
 import json
 import logging
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import traceback
-from pathlib import Path
 from typing import Any, Iterator
-
-import numpy as np
 
 from .exceptions import NsfwDaskError
 from .models import MODEL_SPECS
 from .pipeline import DEFAULT_ROWS_PER_PARTITION
-
-logger = logging.getLogger("nsfw_dask.cli")
-
-
 
 class CLIError(Exception):
     """An error the CLI reports as one line (exit code ``code``)."""
@@ -313,70 +304,27 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_demo_data(folder: Path, rows: int, file_rows: int, dim: int) -> None:
-    """A LAION-style parquet_npy folder: float16 unit-norm vectors + url/caption/key metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (folder / "img_emb").mkdir(parents=True)
-    (folder / "metadata").mkdir()
-    rng = np.random.default_rng(0)
-    for i, start in enumerate(range(0, rows, file_rows)):
-        n = min(file_rows, rows - start)
-        x = rng.standard_normal((n, dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        np.save(folder / "img_emb" / f"img_emb_{i}.npy", x.astype(np.float16))
-        keys = [f"{i:05d}{j:04d}" for j in range(n)]
-        pq.write_table(pa.table({"url": [f"https://example.org/images/{k}.jpg" for k in keys],
-                                 "caption": [f"generated sample {k}" for k in keys],
-                                 "key": keys}), folder / "metadata" / f"metadata_{i}.parquet")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
     spec = MODEL_SPECS[args.model]
-    out = Path(args.out).expanduser().absolute() if args.out else Path(tempfile.mkdtemp(prefix="nsfw-dask-demo-"))
-    marker = out / ".nsfw-dask-demo"
-    if out.exists() and any(out.iterdir()) and not marker.exists():
-        raise CLIError(f"--out {out} is not empty and not an earlier demo folder; choose a new or empty folder.", 2)
-    out.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    try:
+        out = demo.prepare_folder(args.out)
+    except demo.DemoFolderError as e:
+        raise CLIError(f"--out {e}; choose a new or empty folder.", 2) from None
     data = out / "laion"
-    if data.exists():
-        shutil.rmtree(data)
     print(f"generating {args.rows:,} unit-norm {spec.dim}-d float16 embeddings + metadata in {data}/ "
           "(LAION parquet_npy layout)")
-    _write_demo_data(data, args.rows, args.file_rows, spec.dim)
+    demo.write_demo_data(data, args.rows, args.file_rows, spec.dim)
     args.overwrite = True
     if args.threshold is None:
         args.threshold = 0.5
     summary = _run_score(args, str(data), str(out / "scored"))
     _print_summary(summary)
     png = out / "score_histogram.png"
-    if _plot_histogram(summary["histogram"], png, f"{summary['rows']:,} generated embeddings, {args.model}"):
+    if demo.plot_histogram(summary["histogram"], png, f"{summary['rows']:,} generated embeddings, {args.model}"):
         print(f"histogram        {png}")
     return 0
-
-
-def _plot_histogram(hist: np.ndarray, path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'nsfw-dask[bench]'); no histogram PNG")
-        return False
-    coarse = hist.reshape(100, -1).sum(axis=1)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(np.arange(100) / 100 + 0.005, coarse, width=0.01)
-    ax.set_yscale("log")
-    ax.set_xlabel("nsfw_score")
-    ax.set_ylabel("rows")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
 
 
 def _our_cause(e: BaseException) -> BaseException | None:
