@@ -485,3 +485,26 @@ def test_default_cluster_shape(given, n_cpu, expected):
     assert (workers, threads) == expected
     if given == (None, None):
         assert threads <= 4 and workers * threads >= n_cpu > (workers - 1) * threads
+
+
+def test_gpu_workers_beyond_visible_gpus_refused_before_output(tmp_path, x16, monkeypatch):
+    """--gpu --workers N with N above the visible GPUs: a one-line usage error (code 2) from the
+    client, before the OUTPUT folder exists (the count is faked: no GPU here)."""
+    import distributed
+
+    import nsfw_dask.gpu as gpu
+
+    monkeypatch.setattr(gpu, "_visible_gpus", lambda: 1)
+
+    def no_client():
+        raise ValueError("No clients found")  # as with no Client: the job would start its own cluster
+
+    monkeypatch.setattr(distributed, "default_client", no_client)
+    src = make_npy(tmp_path / "in", x16, [300])
+    out = tmp_path / "out"
+    with pytest.raises(JobError) as e:
+        score_dataset(src, out, gpu=True, n_workers=2, progress=False)
+    assert e.value.code == 2
+    msg = str(e.value)
+    assert "\n" not in msg and "2 GPU workers" in msg and "--workers 1" in msg
+    assert not out.exists()
