@@ -70,7 +70,7 @@ DEFAULT_ROWS_PER_PARTITION = 262_144
 _PART_KEY = b"nsfw_dask.part"
 _JOB_FORMAT = "nsfw-dask-job/1"
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
-# the writer settings: dictionary encoding only where it pays (see README, Performance)
+# the writer settings: dictionary encoding only where it pays (see docs/performance.md)
 _WRITE_OPTS: dict[str, Any] = {"compression": "snappy"}
 
 
@@ -906,7 +906,7 @@ def _probe_on_worker(probe: str | None, token: str, checks: list[tuple[str, int]
 #: Dask threads per worker process in the cluster the job starts on CPU machines.  Each thread
 #: scores its own partition with one torch thread (the nanny sets ``OMP_NUM_THREADS=1``); the
 #: processes share no memory, so fewer, fuller processes keep one copy of the model and of the
-#: page cache's hot pages.  Measured on 2 cores (README, Performance): 1 process x 2 threads
+#: page cache's hot pages.  Measured on 2 cores (docs/performance.md): 1 process x 2 threads
 #: scored ~17 % more rows/s than 2 processes x 1 thread; up to 4 threads per process keeps the
 #: GIL (held between torch calls) from being contended.
 THREADS_PER_WORKER = 4
