@@ -3,7 +3,7 @@
 The only module that imports cudf or cupy.  It is imported by ``nsfw_dask.dispatch`` the first
 time a cuDF DataFrame is scored (``Dispatch.register_lazy("cudf")``), never on a CPU-only path.
 
-Zero-copy chain (cuDF >= 26.02; see GPU_NOTES): ``Series.list.leaves`` is a view of the list
+Zero-copy chain (cuDF >= 26.02; sources in docs/gpu.md): ``Series.list.leaves`` is a view of the list
 child that respects the slice offset, its float32 ``.values`` is a CuPy array over the same
 device memory (CUDA array interface), and ``torch.from_dlpack`` wraps it.  On cuDF <= 25.12 a
 sliced column's leaves are a device copy made by cuDF.  Nulls inside a list are NaN-filled
