@@ -106,15 +106,20 @@ def _pairs(fs: Any, root: str) -> list[tuple[str, str]]:
 
 def _read_header(f: Any, shown: str) -> tuple[tuple[int, ...], np.dtype[Any], bool, int]:
     """Shape, dtype, Fortran order and data offset of the ``.npy`` open as ``f`` (at its start)."""
-    fmt = np.lib.format
+    fmt = np.lib.format  # public functions only (numpy's reader of other versions is private)
     try:
         version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:  # 3.0 (utf-8 header) has no public reader
-            shape, fortran, dtype = fmt._read_array_header(f, version)
+    except ValueError as e:
+        raise EmbeddingFormatError(f"{shown} is not a valid .npy file: {e}") from e
+    if version not in ((1, 0), (2, 0)):  # 3.0: np.save writes it only for non-latin-1 field names
+        raise EmbeddingFormatError(
+            f"{shown} is a .npy file of format version {version[0]}.{version[1]}; only versions 1.0 "
+            "and 2.0 are read. Re-save it with numpy.save(path, numpy.load(path)), which writes a "
+            "float array as version 1.0."
+        )
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    try:
+        shape, fortran, dtype = read(f)
     except ValueError as e:
         raise EmbeddingFormatError(f"{shown} is not a valid .npy file: {e}") from e
     return shape, dtype, fortran, f.tell()
