@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-import sys
 from typing import Any
 
 import torch
 
+from ._compat import in_dask_meta_inference
 from ._runner import get_runner
 from .dispatch import Segment, get_backend
 from .loading import load_model, resolve_device
@@ -32,19 +32,10 @@ def _default_batch_size(device: torch.device) -> int:
 def _in_dask_meta_inference() -> bool:
     """True when dask is calling us on its fake partition to infer ``meta``.
 
-    ``map_partitions`` without ``meta=`` calls the function once, eagerly, through
-    ``dask.dataframe.dask_expr._expr.emulate`` on ``meta_nonempty`` data (null Arrow lists for
-    pandas, ``[[0, 1], [0, 1]]`` for cuDF): values that no real partition has.  There the output
-    schema is all that matters, so we build it without loading the model or reading values.
+    The check uses dask's private ``emulate``; it lives, with its fallback, in
+    :func:`nsfw_dask._compat.in_dask_meta_inference`.
     """
-    frame = sys._getframe(1)
-    while frame is not None:  # the whole stack: wrappers (partial, lambdas, user functions) may sit between
-        if frame.f_code.co_name in ("emulate", "_emulate") and str(
-            frame.f_globals.get("__name__", "")
-        ).startswith("dask."):
-            return True
-        frame = frame.f_back
-    return False
+    return in_dask_meta_inference()
 
 
 def score_tensor(
