@@ -4,7 +4,15 @@
 >>> from nsfw_dask import score_nsfw
 >>> ddf = dd.read_parquet("embeddings/", dtype_backend="pyarrow")  # doctest: +SKIP
 >>> scored = ddf.map_partitions(score_nsfw)  # doctest: +SKIP
+
+The top level (``__all__``) is what a Dask user needs.  The rest lives in modules named for
+their job: NeMo Curator's classes in :mod:`nsfw_dask.nemo`, weights in :mod:`nsfw_dask.weights`,
+model specs in :mod:`nsfw_dask.models`, exact mode in :mod:`nsfw_dask.exact`.  Names that used
+to be here keep working (see ``_COMPAT`` and ``_MOVED`` below).
 """
+
+import importlib as _importlib
+import warnings as _warnings
 
 from ._version import __version__
 from .exceptions import (
@@ -15,44 +23,70 @@ from .exceptions import (
     WeightsIntegrityError,
     WeightsNotFoundError,
 )
-from .exact import ExactNSFWModel, load_vocabulary
 from .io import read_embeddings
 from .loading import clear_model_cache, load_model, model_cache_info
-from .models import MODEL_SPECS, ModelSpec, NSFWModel, Normalization
 from .pipeline import JobError, Summary, score_dataset
 from .plugin import NSFWModelPlugin
-from .scorer import NSFWScorer
-from .scoring import DEFAULT_BATCH_SIZE, nsfw_meta, score, score_nsfw
-from .weights import cache_dir, fetch_weights, resolve_weights
+from .scoring import nsfw_meta, score, score_nsfw
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "MODEL_SPECS",
     "EmbeddingColumnError",
     "EmbeddingFormatError",
-    "ExactNSFWModel",
     "JobError",
-    "ModelSpec",
-    "NSFWModel",
     "NSFWModelPlugin",
-    "NSFWScorer",
-    "Normalization",
-    "Summary",
     "NsfwDaskError",
+    "Summary",
     "WeightsError",
     "WeightsIntegrityError",
     "WeightsNotFoundError",
     "__version__",
-    "cache_dir",
     "clear_model_cache",
-    "fetch_weights",
     "load_model",
-    "load_vocabulary",
     "model_cache_info",
     "nsfw_meta",
     "read_embeddings",
-    "resolve_weights",
     "score",
     "score_dataset",
     "score_nsfw",
 ]
+
+#: Still importable from here, without a warning, but not in ``__all__``: {name: module}.
+#: NeMo Curator's classes (``from nsfw_dask import NSFWScorer`` is how NeMo users import them),
+#: and names the README, notebooks and tests use from here today.
+_COMPAT: dict[str, str] = {
+    "NSFWScorer": "nemo",
+    "NSFWModel": "nemo",
+    "Normalization": "nemo",
+    "MODEL_SPECS": "models",
+    "cache_dir": "weights",
+    "fetch_weights": "weights",
+    "resolve_weights": "weights",
+}
+
+#: Moved: still importable from here, with a DeprecationWarning naming the new place: {name: module}.
+_MOVED: dict[str, str] = {
+    "DEFAULT_BATCH_SIZE": "scoring",
+    "ExactNSFWModel": "exact",
+    "ModelSpec": "models",
+    "load_vocabulary": "exact",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _COMPAT:
+        value = getattr(_importlib.import_module(f"{__name__}.{_COMPAT[name]}"), name)
+        globals()[name] = value  # resolved once
+        return value
+    if name in _MOVED:
+        module = f"{__name__}.{_MOVED[name]}"
+        _warnings.warn(
+            f"nsfw_dask.{name} is deprecated at the top level; use `from {module} import {name}`.",
+            DeprecationWarning,
+            stacklevel=2,  # the importing line (warnings skips importlib's frames)
+        )
+        return getattr(_importlib.import_module(module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_COMPAT) | set(_MOVED))
