@@ -846,7 +846,9 @@ def _check_overlap(plan: Plan, out_fs: Any, out_root: str, output_given: str) ->
 
 
 def _fs_path(fs: Any, shown: str) -> str:
-    return shown if _is_local(fs) else fs._strip_protocol(shown)
+    from ._compat import strip_protocol
+
+    return shown if _is_local(fs) else strip_protocol(fs, shown)
 
 
 def _probe_shared_folder(client: Any, fs: Any, root: str, plan: Plan, given: str) -> None:
