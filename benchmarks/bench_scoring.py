@@ -48,6 +48,7 @@ import torch
 import nsfw_dask
 from nsfw_dask import score_nsfw
 from nsfw_dask.models import get_spec
+from nsfw_dask.scoring import DEFAULT_BATCH_SIZE
 
 
 def head_flops_per_row(spec) -> int:
@@ -174,7 +175,7 @@ def bench_in_memory(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "rows_per_s": rows["score_nsfw"], "of_limit": rows["score_nsfw"] / limit,
         "of_limit_same_rounds": rows["score_nsfw"] / limit_rounds,
         "vs_best_raw_head": rows["score_nsfw"] / best_raw, "median_s": med["score_nsfw"],
-        "batch_size": nsfw_dask.DEFAULT_BATCH_SIZE["cpu"],
+        "batch_size": DEFAULT_BATCH_SIZE["cpu"],
     }
     result["score_nsfw_exact"] = {
         "rows_per_s": rows["score_nsfw_exact"], "of_limit": rows["score_nsfw_exact"] / limit,

@@ -228,7 +228,7 @@ _PRIVATE = {
     "_read_array_header": set(),
     "_plan[": set(),
     "dask_expr": set(),
-    "._strip_protocol(": {"pipeline.py"},
+    "._strip_protocol(": set(),
     '"_meta"': {"scoring.py"},
 }
 
