@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -39,9 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._atomic import atomic_write_bytes
 from .exceptions import WeightsIntegrityError
 from .models import KerasSpec, ModelSpec, NSFWModel, get_spec
-from .weights import _read_umask, cache_dir, resolve_file, search_folders
+from .weights import cache_dir, resolve_file, search_folders
 
 __all__ = [
     "CategoricalEncoding",
@@ -319,16 +319,7 @@ def write_vocabulary_cache(vocab: KerasVocabulary, keras: KerasSpec, folders: li
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{_cache_name(keras)}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, 0o666 & ~_read_umask())  # readable by other users' workers, as the weights
-                os.replace(tmp, folder / _cache_name(keras))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return folder / _cache_name(keras)
+            return atomic_write_bytes(folder / _cache_name(keras), data)  # readable by other users' workers
         except OSError as e:
             logger.debug("could not cache the vocabulary in %s: %s", folder, e)
     return None

@@ -29,7 +29,6 @@ import logging
 import os
 import shlex
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -42,6 +41,7 @@ import torch
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
+from ._atomic import atomic_writer
 from .exceptions import WeightsError, WeightsIntegrityError, WeightsNotFoundError
 from .models import ModelSpec, get_spec
 
@@ -63,18 +63,6 @@ ENV_MODEL_DIR = "NSFW_DASK_MODEL_DIR"
 ENV_CACHE_DIR = "NSFW_DASK_CACHE_DIR"
 ENV_OFFLINE = "NSFW_DASK_OFFLINE"
 
-
-
-def _read_umask() -> int:
-    """The process umask, read without changing it (``os.umask`` is process-wide and racy)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 # Digest of the tensors (names, dtypes, shapes, bytes; see ``state_dict_digest``) in LAION's files.
 # Used to accept the same weights stored under other names or containers (NeMo Curator's layout).
@@ -420,26 +408,17 @@ def _copy_into(src: Path, dest: Path, sha256: str, *, timeout: float) -> Path:
             if sha256_file(dest) == sha256:
                 return dest  # another process put it there meanwhile
             logger.warning("Replacing %s: its sha256 does not match the pinned one", dest)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+        h = hashlib.sha256()
+        with atomic_writer(dest) as out:
+            with open(src, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
                     out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if h.hexdigest() != sha256:
+            if h.hexdigest() != sha256:  # raised inside: the temporary file is deleted
                 raise WeightsIntegrityError(
                     f"{src} changed while it was copied to {dest} (sha256 {h.hexdigest()}, expected "
                     f"{sha256}); it was not saved. Check {src}, then retry."
                 )
-            os.chmod(tmp, 0o666 & ~_read_umask())
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     logger.info("Copied %s (verified) to %s", src, dest)
     return dest
 
@@ -581,15 +560,13 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
     # ``timeout`` bounds each socket read; the whole transfer gets a deadline too (a server that
     # trickles bytes would otherwise hold the lock, and every waiting worker, indefinitely).
     deadline = time.monotonic() + max(120.0, 20 * timeout)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
+    with atomic_writer(dest) as out:  # an exception below deletes the temporary file
         h = hashlib.sha256()
         size = 0
         req = urllib.request.Request(url, headers={"User-Agent": "nsfw-dask"})
         logger.info("Downloading %s to %s", url, dest)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     if time.monotonic() > deadline:
                         raise WeightsError(f"download of {url} took too long (over "
@@ -597,6 +574,8 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+                # Synced here too (atomic_writer syncs again, at no cost), so that a disk that
+                # fails now is reported as a failed download, as a failed write is.
                 out.flush()
                 os.fsync(out.fileno())
         except urllib.error.HTTPError as e:
@@ -611,8 +590,3 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
                 f"Downloaded {url} ({size} bytes) has sha256 {h.hexdigest()}, expected "
                 f"{sha256}; it was not saved. Check the URL or mirror."
             )
-        os.chmod(tmp, 0o666 & ~_read_umask())  # mkstemp's 0600 would hide it from other users' workers
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
