@@ -40,7 +40,13 @@ class KerasSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything that identifies one LAION head: shape, weights file, where to get it."""
+    """Everything that identifies one LAION head: shape, weights file, where to get it.
+
+    :data:`MODEL_SPECS` is the one place where the pinned digests and URLs live: ``sha256`` of
+    LAION's ``.pth`` bytes, ``content_digest`` of its tensors, and (``keras``) the SHA-256 and
+    vocabulary digest of LAION's original SavedModel zip; :mod:`nsfw_dask.weights` and exact
+    mode read them from here.
+    """
 
     name: str
     clip_model: str
@@ -53,6 +59,10 @@ class ModelSpec:
     alias_paths: tuple[str, ...] = ()
     model_id: str = ""
     keras: KerasSpec | None = None
+    # Digest of the tensors (names, dtypes, shapes, bytes; see
+    # :func:`nsfw_dask.weights.state_dict_digest`) of LAION's file: accepts the same weights
+    # stored under other names or containers (``alias_paths``).
+    content_digest: str = ""
 
     @property
     def dim(self) -> int:
@@ -79,6 +89,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             columns=(180, 316, 413, 440, 644),
             vocab_digest="9c5038d5a44e6061bfd30dcf6dd4ca88462d1290dd86e557ab888f0d79d399c0",
         ),
+        content_digest="a30f02c2948427679a46f2bfc4cfb14bf0ef5cde1702489edbe9f5595dfec905",
     ),
     "vit-b-32": ModelSpec(
         name="vit-b-32",
@@ -95,6 +106,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             columns=(92, 133, 312),
             vocab_digest="f7e6471095ed3ba40d552a346f6bb45895c24ac5f71d8de2f86db3e66e19890a",
         ),
+        content_digest="0379fc5fa09f17171c61d1782e290d33f80c87e4716981dfb5b5b9984054fe5f",
     ),
 }
 

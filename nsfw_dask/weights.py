@@ -64,14 +64,6 @@ ENV_CACHE_DIR = "NSFW_DASK_CACHE_DIR"
 ENV_OFFLINE = "NSFW_DASK_OFFLINE"
 
 
-# Digest of the tensors (names, dtypes, shapes, bytes; see ``state_dict_digest``) in LAION's files.
-# Used to accept the same weights stored under other names or containers (NeMo Curator's layout).
-_CONTENT_DIGESTS = {
-    "vit-l-14": "a30f02c2948427679a46f2bfc4cfb14bf0ef5cde1702489edbe9f5595dfec905",
-    "vit-b-32": "0379fc5fa09f17171c61d1782e290d33f80c87e4716981dfb5b5b9984054fe5f",
-}
-
-
 @dataclass(frozen=True)
 class WeightsInfo:
     """A verified weights file: where it is and the checksum it was verified against."""
@@ -163,7 +155,7 @@ def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
             f"Weights file {path} cannot be read as a torch state dict ({e}); it is truncated or "
             f"corrupted. Delete it, or use LAION's {spec.filename} (sha256 {spec.sha256})."
         ) from e
-    expected = _CONTENT_DIGESTS.get(spec.name)
+    expected = spec.content_digest or None  # pinned in models.MODEL_SPECS
     if got != expected:
         raise WeightsIntegrityError(
             f"Weights file {path} does not hold LAION's {spec.clip_model} head (tensor digest {got}, "
