@@ -33,9 +33,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from filelock import FileLock
@@ -50,6 +51,7 @@ __all__ = [
     "cache_dir",
     "fetch_file",
     "fetch_weights",
+    "find_weights_in",
     "read_state_dict",
     "resolve_file",
     "resolve_weights",
@@ -62,6 +64,8 @@ logger = logging.getLogger(__name__)
 ENV_MODEL_DIR = "NSFW_DASK_MODEL_DIR"
 ENV_CACHE_DIR = "NSFW_DASK_CACHE_DIR"
 ENV_OFFLINE = "NSFW_DASK_OFFLINE"
+
+_Found = TypeVar("_Found")  # what a resolution finds: a WeightsInfo, or a Path
 
 
 @dataclass(frozen=True)
@@ -164,11 +168,17 @@ def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
     return WeightsInfo(spec, path, f"tensors:{got}")
 
 
-def _search(spec: ModelSpec, folder: Path) -> WeightsInfo | None:
+def find_weights_in(spec: ModelSpec, folder: Path) -> WeightsInfo | None:
+    """The verified weights for ``spec`` in ``folder`` (LAION's file name first, then NeMo
+    Curator's), or None if there are none; a file that fails verification is a
+    :class:`WeightsIntegrityError` naming it."""
     for path in _candidates(spec, folder):
         if path.is_file():
             return _verify(spec, path)
     return None
+
+
+_search = find_weights_in  # the old private name, still imported by nsfw_dask.scorer
 
 
 def _offline() -> bool:
@@ -208,47 +218,13 @@ def resolve_weights(
         Nothing was found and the download was not allowed or failed.
     """
     spec = get_spec(model)
-    searched: list[Path] = []
-    for folder in search_folders(model_dir):
-        searched.append(folder)
-        info = _search(spec, folder)
-        if info is not None:
-            return info
-    cache = cache_dir()
-    searched.append(cache)
-    if download is None:
-        download = not _offline()
-    refused = ""
-    try:
-        info = _search(spec, cache)
-    except WeightsIntegrityError as e:
-        logger.warning("%s%s", e, "; downloading it again" if download else "")
-        refused = f" ({e})"
-        info = None
-    if info is not None:
-        return info
-    where = ", ".join(str(p) for p in searched) + refused
-    how = (
-        f"Copy {spec.filename} (sha256 {spec.sha256}, from {spec.url}) into a folder and set "
-        f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=)."
+    return _resolve(
+        f"weights for {spec.name} ({spec.clip_model})", spec.filename, spec.url, spec.sha256,
+        find=lambda folder, in_cache: find_weights_in(spec, folder),
+        fetch=lambda cache: WeightsInfo(spec, fetch_weights(spec, cache, timeout=timeout),
+                                        f"sha256:{spec.sha256}"),
+        model_dir=model_dir, download=download,
     )
-    if not download:
-        raise WeightsNotFoundError(
-            f"No weights for {spec.name} ({spec.clip_model}) in {where}, and downloading is "
-            f"disabled. {how}"
-        )
-    try:
-        path = fetch_weights(spec, cache, timeout=timeout)
-    except WeightsIntegrityError:
-        raise
-    except WeightsNotFoundError as e:  # the server could not be reached: the message has the fix
-        raise WeightsNotFoundError(f"No weights for {spec.name} ({spec.clip_model}) in {where}. {e}") from e
-    except WeightsError as e:
-        raise WeightsNotFoundError(
-            f"No weights for {spec.name} ({spec.clip_model}) in {where}, and the download failed: "
-            f"{e}. {how}"
-        ) from e
-    return WeightsInfo(spec, path, f"sha256:{spec.sha256}")
 
 
 def fetch_weights(
@@ -509,37 +485,71 @@ def resolve_file(
     cache.  A file that fails the check outside the user cache is an error naming it; in the
     user cache it is replaced by a download.  ``what`` names the file in messages.
     """
+
+    def find(folder: Path, in_cache: bool) -> Path | None:
+        path = folder / filename
+        if not path.is_file():
+            return None
+        got = sha256_file(path)
+        if got == sha256:
+            return path
+        if in_cache:
+            raise WeightsIntegrityError(f"{path} is there but was refused: sha256 {got}, expected "
+                                        f"{sha256}; it is truncated or corrupted")
+        raise WeightsIntegrityError(
+            f"{what} {path} is truncated, corrupted or not LAION's file: sha256 {got}, "
+            f"expected {sha256}. Delete it and download {url} again."
+        )
+
+    return _resolve(what, filename, url, sha256, find=find,
+                    fetch=lambda cache: fetch_file(filename, url, sha256, cache, timeout=timeout),
+                    model_dir=model_dir, download=download)
+
+
+def _resolve(
+    what: str,
+    filename: str,
+    url: str,
+    sha256: str,
+    *,
+    find: Callable[[Path, bool], _Found | None],
+    fetch: Callable[[Path], _Found],
+    model_dir: str | os.PathLike[str] | None,
+    download: bool | None,
+) -> _Found:
+    """The resolution order, for :func:`resolve_weights` and :func:`resolve_file`.
+
+    ``find(folder, in_cache)`` returns what is verified in ``folder`` or None, and raises
+    :class:`WeightsIntegrityError` naming a file that fails; ``fetch(cache)`` downloads into the
+    user cache.  ``what`` names the file in messages; ``filename``, ``url`` and ``sha256`` say
+    how to get it by hand.
+    """
     searched: list[Path] = []
     for folder in search_folders(model_dir):
         searched.append(folder)
-        path = folder / filename
-        if path.is_file():
-            got = sha256_file(path)
-            if got != sha256:
-                raise WeightsIntegrityError(
-                    f"{what} {path} is truncated, corrupted or not LAION's file: sha256 {got}, "
-                    f"expected {sha256}. Delete it and download {url} again."
-                )
-            return path
+        found = find(folder, False)
+        if found is not None:
+            return found
     cache = cache_dir()
     searched.append(cache)
     if download is None:
         download = not _offline()
     refused = ""
-    if (cache / filename).is_file():
-        got = sha256_file(cache / filename)
-        if got == sha256:
-            return cache / filename
-        refused = (f" ({cache / filename} is there but was refused: sha256 {got}, expected {sha256}; "
-                   "it is truncated or corrupted)")
-        logger.warning("%s%s", refused.strip(" ()"), "; downloading it again" if download else "")
+    try:
+        found = find(cache, True)
+    except WeightsIntegrityError as e:  # in the user cache: downloaded again, if allowed
+        logger.warning("%s%s", e, "; downloading it again" if download else "")
+        refused = f" ({e})"
+        found = None
+    if found is not None:
+        return found
     where = ", ".join(str(p) for p in searched) + refused
     how = (f"Copy {filename} (sha256 {sha256}, from {url}) into a folder and set "
            f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=).")
     if not download:
         raise WeightsNotFoundError(f"No {what} in {where}, and downloading is disabled. {how}")
     try:
-        return fetch_file(filename, url, sha256, cache, timeout=timeout)
+        return fetch(cache)
     except WeightsIntegrityError:
         raise
     except WeightsNotFoundError as e:  # the server could not be reached: the message has the fix
