@@ -27,7 +27,7 @@ class KerasSpec:
 
     ``columns`` are the MultiCategoryEncoding columns (checked against the SavedModel's own
     metadata when it is read); ``vocab_digest`` pins what is extracted from it (see
-    :func:`nsfw_dask.exact.vocabulary_digest`), so a reader bug or a changed file cannot go
+    :func:`nsfw_dask.vocabulary.vocabulary_digest`), so a reader bug or a changed file cannot go
     unnoticed.
     """
 
@@ -44,8 +44,8 @@ class ModelSpec:
 
     :data:`MODEL_SPECS` is the one place where the pinned digests and URLs live: ``sha256`` of
     LAION's ``.pth`` bytes, ``content_digest`` of its tensors, and (``keras``) the SHA-256 and
-    vocabulary digest of LAION's original SavedModel zip; :mod:`nsfw_dask.weights` and exact
-    mode read them from here.
+    vocabulary digest of LAION's original SavedModel zip; :mod:`nsfw_dask.weights` and
+    :mod:`nsfw_dask.vocabulary` read them from here.
     """
 
     name: str
