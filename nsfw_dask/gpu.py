@@ -202,7 +202,7 @@ def release_gpu_buffers() -> int:
     With torch's own caching allocator the freed blocks are also returned to the driver
     (``torch.cuda.empty_cache()``); under RMM they go back to the RMM pool.
     """
-    from ._runner import release_buffers
+    from ._forward import release_buffers
 
     n = release_buffers(device_type="cuda")
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -138,7 +138,7 @@ def model_cache_info() -> dict[str, Any]:
 def clear_model_cache() -> None:
     """Forget every loaded model and resolved weights path in this process, and free the scoring
     work buffers (CPU and GPU) of every thread; call it while nothing scores in the process."""
-    from ._runner import release_buffers
+    from ._forward import release_buffers
 
     with _lock:
         _models.clear()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._compat import in_dask_meta_inference
-from ._runner import get_runner
+from ._forward import get_runner
 from .dispatch import Segment, get_backend
 from .loading import load_model, resolve_device
 from .models import get_spec

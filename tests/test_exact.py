@@ -343,7 +343,7 @@ def test_cli_exact(tmp_path: Path, head: dict) -> None:
 def test_lazy_and_eager_nan_imputation_agree(head: dict) -> None:
     """CPU imputes NaN only for rows whose score came out NaN; CUDA imputes every batch.  Both
     paths (run here on the CPU) give the same bits, on rows with NaN in any column."""
-    from nsfw_dask._runner import Runner
+    from nsfw_dask._forward import Runner
 
     model = nsfw_dask.load_model(head["model"], exact=True)
     x = torch.from_numpy(head["x"]).clone()

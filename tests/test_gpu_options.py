@@ -334,7 +334,7 @@ def test_float16_parquet_scores_like_float32_on_cpu(half_folder: tuple[Path, np.
 @pytest.mark.weights
 def test_release_buffers_frees_and_rescoring_is_unchanged() -> None:
     from nsfw_dask import clear_model_cache, load_model
-    from nsfw_dask._runner import get_runner, release_buffers
+    from nsfw_dask._forward import get_runner, release_buffers
     from nsfw_dask.scoring import score_tensor
 
     clear_model_cache()  # a fresh model: this thread has no runner for it yet (earlier tests' runners go with theirs)

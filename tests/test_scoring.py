@@ -201,7 +201,7 @@ def test_clear_model_cache_frees_model_and_buffers(frame):
     import weakref
 
     from nsfw_dask import clear_model_cache, load_model
-    from nsfw_dask._runner import _all_runners
+    from nsfw_dask._forward import _all_runners
 
     model = load_model("vit-l-14", device="cpu")
     out = score_nsfw(frame.iloc[:300], column="embedding")
