@@ -1,3 +1,5 @@
+"""``python -m nsfw_dask``: the ``nsfw-dask`` command."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,12 @@
-"""``nsfw-dask``: score a dataset on an embedded (or existing) Dask cluster, fetch weights, demo.
+"""``nsfw-dask`` (also ``dask nsfw``): score a dataset on an embedded (or existing) Dask cluster,
+fetch weights, demo.
+
+A click group, registered both as the ``nsfw-dask`` console script (:func:`main`) and under
+dask's ``dask_cli`` entry-point group (:data:`nsfw`, so ``dask nsfw score ...`` works like
+``dask cuda worker ...``).  This module only parses arguments and dispatches: the job is
+:func:`nsfw_dask.score_dataset`, the demo's data and plot are in :mod:`nsfw_dask.demo`.  Nothing
+heavy (torch, numpy, pandas, dask) is imported here until a command runs (but importing
+``nsfw_dask.cli`` runs ``nsfw_dask/__init__.py`` first, and that imports the library).
 
 Every command has ``--help``.  Errors print one line naming the problem and the fix, and exit
 non-zero (1: failed, 2: bad usage, 130: interrupted); ``--verbose`` adds the traceback.
@@ -6,7 +14,6 @@ non-zero (1: failed, 2: bad usage, 130: interrupted); ``--verbose`` adds the tra
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -16,11 +23,21 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
+import click
+
+from ._version import __version__
 from .exceptions import NsfwDaskError
-from .models import MODEL_SPECS
-from .pipeline import DEFAULT_ROWS_PER_PARTITION
+
+# Literal copies, checked against the library by tests/test_dask_cli.py: the library's own
+# modules import torch, and ``--help`` must not.
+MODEL_NAMES = ("vit-b-32", "vit-l-14")  # sorted(nsfw_dask.models.MODEL_SPECS)
+DEFAULT_ROWS_PER_PARTITION = 262_144  # nsfw_dask.pipeline.DEFAULT_ROWS_PER_PARTITION
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 
 class CLIError(Exception):
     """An error the CLI reports as one line (exit code ``code``)."""
@@ -30,134 +47,252 @@ class CLIError(Exception):
         self.code = code
 
 
-# ----------------------------------------------------------------------------- arguments
+# ----------------------------------------------------------------------------- usage errors
 
 
-def _positive_int(text: str) -> int:
+class UsageLineError(click.UsageError):
+    """A click usage error (bad option, value, missing argument) shown as one line, exit code 2.
+
+    ``nsfw-dask: error: <click's message> (usage: <command> [OPTIONS] ...; see <command> --help)``,
+    the same ``nsfw-dask: error:`` line as every other error, whether run as ``nsfw-dask`` or as
+    ``dask nsfw`` (where dask's click main shows it).
+    """
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(" ".join(error.format_message().split()), error.ctx)
+
+    def show(self, file: Any = None) -> None:
+        hint = ""
+        if self.ctx is not None:
+            path = self.ctx.command_path
+            usage = " ".join([path, *self.ctx.command.collect_usage_pieces(self.ctx)])
+            hint = f" (usage: {usage}; see {path} --help)"
+        click.echo(f"nsfw-dask: error: {self.message}{hint}", file=file, err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+        yield
+    except UsageLineError:
+        raise
+    except click.UsageError as e:
+        raise UsageLineError(e) from None
 
 
-def _probability(text: str) -> float:
+class _Group(click.Group):
+    """Parsing the group's own options, choosing the command and parsing the command's
+    arguments all happen in ``parse_args``/``invoke``: their usage errors become one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line_usage_errors():
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+# ----------------------------------------------------------------------------- option types
+
+
+class _PositiveInt(click.ParamType):
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            v = value
+        else:
+            try:
+                v = int(value)
+            except ValueError:
+                self.fail(f"expected a positive integer, got {value!r}", param, ctx)
+        if v < 1:
+            self.fail(f"expected a positive integer, got {v}", param, ctx)
+        return v
+
+
+class _Probability(click.ParamType):
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"expected a number in [0, 1], got {value!r}", param, ctx)
+        if not 0.0 <= v <= 1.0:
+            self.fail(f"expected a number in [0, 1], got {v}", param, ctx)
+        return v
+
+
+class _ColumnName(click.ParamType):
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            self.fail("a column name cannot be empty", param, ctx)
+        return str(value)
+
+
+class _JSONObject(click.ParamType):
+    name = "json"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            v = json.loads(value)
+        except ValueError as e:
+            self.fail(f"expected a JSON object, e.g. '{{\"anon\": false}}' ({e})", param, ctx)
+        if not isinstance(v, dict):
+            self.fail(f"expected a JSON object, got {value!r}", param, ctx)
+        return v
+
+
+POSITIVE_INT = _PositiveInt()
+PROBABILITY = _Probability()
+COLUMN_NAME = _ColumnName()
+JSON_OBJECT = _JSONObject()
+
+
+def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Several click decorators as one; options keep the order they are listed in."""
+    def apply(f: Any) -> Any:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+_common_options = _options(
+    click.option("--model", default="vit-l-14", type=click.Choice(MODEL_NAMES),
+                 help="LAION head: vit-l-14 (768-d CLIP ViT-L/14) or vit-b-32 (512-d); default vit-l-14"),
+    click.option("--model-dir", default=None, metavar="DIR",
+                 help="folder with the weights (default: $NSFW_DASK_MODEL_DIR, the user cache, a download)"),
+    click.option("-v", "--verbose", is_flag=True, help="log more and show tracebacks"),
+)
+
+_cluster_options = _options(
+    click.option("--workers", type=POSITIVE_INT, default=None, metavar="N",
+                 help="worker processes of the embedded cluster"),
+    click.option("--threads-per-worker", type=POSITIVE_INT, default=None, metavar="N",
+                 help="threads per worker process"),
+    click.option("--scheduler", default=None, metavar="ADDRESS",
+                 help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster"),
+    click.option("--gpu", is_flag=True,
+                 help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read "
+                      "with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])"),
+    click.option("--no-progress", is_flag=True, help="no progress bar"),
+)
+
+_score_options = _options(
+    click.option("--column", default=None, type=COLUMN_NAME, metavar="NAME",
+                 help="embedding column (parquet: default the only list-of-float column; parquet_npy: the "
+                      "name given to the .npy embeddings, default 'embedding')"),
+    click.option("--score-column", default="nsfw_score", type=COLUMN_NAME, metavar="NAME",
+                 help="name of the score column (default nsfw_score)"),
+    click.option("--threshold", type=PROBABILITY, default=None, metavar="T",
+                 help="also write is_nsfw = score >= T, <NA> where the score is NaN (and count rows over T)"),
+    click.option("--filter", default="none", type=click.Choice(["none", "keep-safe", "keep-nsfw"]),
+                 help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
+                      "(T = --threshold, default 0.5); rows with a NaN score are kept by neither"),
+    click.option("--batch-size", type=POSITIVE_INT, default=None, metavar="N", help="rows per forward pass"),
+    click.option("--keep-embeddings", is_flag=False, flag_value="binary", default=None,
+                 type=click.Choice(["binary", "list"]),
+                 help="also write the embedding column: as each vector's raw bytes (fixed_size_binary, "
+                      "the default form, fast) or 'list' (the input's Arrow list type, slow to write)"),
+    click.option("--rows-per-partition", type=POSITIVE_INT, default=DEFAULT_ROWS_PER_PARTITION, metavar="N",
+                 help=f"rows per task and output part at most (default {DEFAULT_ROWS_PER_PARTITION:,})"),
+    click.option("--exact", is_flag=True,
+                 help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
+                      "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)"),
+)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+@click.group(name="nsfw", cls=_Group, context_settings=CONTEXT_SETTINGS, no_args_is_help=False)
+@click.version_option(__version__, "--version", prog_name="nsfw-dask", message="%(prog)s %(version)s")
+def nsfw() -> None:
+    """Score CLIP image embeddings for NSFW content with LAION's detector on Dask."""
+
+
+@nsfw.command(
+    "score", context_settings=CONTEXT_SETTINGS,
+    short_help="score a parquet dataset (or LAION parquet_npy folder) into parquet",
+    help="Score INPUT and write OUTPUT: every input column except the embeddings, plus the score. "
+         "OUTPUT is finished when it has _SUCCESS.\n\n"
+         "INPUT: parquet file, folder or glob (local or any fsspec URL), or a parquet_npy folder "
+         "(img_emb/img_emb_N.npy + metadata/metadata_N.parquet).\n\n"
+         "OUTPUT: output folder, local or an fsspec URL (s3://, gs://, abfs://, file://): one parquet part "
+         "per input partition, _SUCCESS when finished.",
+)
+@click.argument("input", metavar="INPUT")
+@click.argument("output", metavar="OUTPUT")
+@_score_options
+@click.option("--resume", is_flag=True,
+              help="finish an interrupted run into OUTPUT: keep its committed parts, score the rest "
+                   "(not with --overwrite)")
+@click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists (not with --resume)")
+@click.option("--storage-options", type=JSON_OBJECT, default=None, metavar="JSON",
+              help="fsspec options for INPUT and OUTPUT, e.g. '{\"profile\": \"laion\"}'")
+@click.option("--json", is_flag=True, help="print the summary as one JSON object on stdout")
+@_cluster_options
+@_common_options
+@click.pass_context
+def score_command(ctx: click.Context, **opts: Any) -> None:
+    if opts["resume"] and opts["overwrite"]:
+        raise click.UsageError("--overwrite: not allowed with --resume", ctx)
+    ctx.exit(_execute(cmd_score, SimpleNamespace(**opts)))
+
+
+@nsfw.command(
+    "fetch-weights", context_settings=CONTEXT_SETTINGS,
+    short_help="download and verify the weights, print where they are",
+    help="Download LAION's weights (pinned URL + SHA-256) and print the path.",
+)
+@click.option("--url", default=None, help="a mirror URL (the pinned SHA-256 still applies)")
+@click.option("--exact", is_flag=True,
+              help="also fetch LAION's original SavedModel zip and extract its vocabularies (for --exact)")
+@_common_options
+@click.pass_context
+def fetch_weights_command(ctx: click.Context, **opts: Any) -> None:
+    ctx.exit(_execute(cmd_fetch_weights, SimpleNamespace(**opts)))
+
+
+@nsfw.command(
+    "demo", context_settings=CONTEXT_SETTINGS,
+    short_help="generate a sample dataset, score it, print a summary, plot a histogram",
+    help="The main job, end to end, on generated unit-norm embeddings.",
+)
+@click.option("--rows", type=POSITIVE_INT, default=300_000, metavar="N", help="rows to generate (default 300,000)")
+@click.option("--out", default=None, metavar="DIR",
+              help="folder for data, scores and the PNG (default: a temp folder)")
+@click.option("--file-rows", type=POSITIVE_INT, default=50_000, metavar="N",
+              help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 50,000)")
+@_score_options
+@_cluster_options
+@_common_options
+@click.pass_context
+def demo_command(ctx: click.Context, **opts: Any) -> None:
+    ctx.exit(_execute(cmd_demo, SimpleNamespace(**opts)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``nsfw-dask`` (the console script) and ``python -m nsfw_dask``: run, return the exit code."""
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
-    return v
+        rv = nsfw.main(args=argv, prog_name="nsfw-dask", standalone_mode=False)
+    except click.ClickException as e:  # usage errors (one line, see UsageLineError)
+        e.show()
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):  # Ctrl-C while parsing
+        print("nsfw-dask: interrupted", file=sys.stderr)
+        return 130
+    return rv if isinstance(rv, int) else 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit-l-14", choices=sorted(MODEL_SPECS),
-                   help="LAION head: vit-l-14 (768-d CLIP ViT-L/14) or vit-b-32 (512-d); default vit-l-14")
-    p.add_argument("--model-dir", default=None,
-                   help="folder with the weights (default: $NSFW_DASK_MODEL_DIR, the user cache, a download)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more and show tracebacks")
-
-
-def _cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster")
-    g.add_argument("--workers", type=_positive_int, default=None, help="worker processes of the embedded cluster")
-    g.add_argument("--threads-per-worker", type=_positive_int, default=None, help="threads per worker process")
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster")
-    g.add_argument("--gpu", action="store_true",
-                   help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read with "
-                        "pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _column_name(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("a column name cannot be empty")
-    return text
-
-
-def _storage_options(text: str) -> dict[str, Any]:
-    try:
-        v = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"anon\": false}}' ({e})") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return v
-
-
-def _score_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--column", default=None, type=_column_name,
-                   help="embedding column (parquet: default the only list-of-float column; parquet_npy: the "
-                        "name given to the .npy embeddings, default 'embedding')")
-    p.add_argument("--score-column", default="nsfw_score", type=_column_name,
-                   help="name of the score column (default nsfw_score)")
-    p.add_argument("--threshold", type=_probability, default=None,
-                   help="also write is_nsfw = score >= T, <NA> where the score is NaN (and count rows over T)")
-    p.add_argument("--filter", default="none", choices=["none", "keep-safe", "keep-nsfw"],
-                   help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
-                        "(T = --threshold, default 0.5); rows with a NaN score are kept by neither")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass")
-    p.add_argument("--keep-embeddings", nargs="?", const="binary", default=None, choices=["binary", "list"],
-                   help="also write the embedding column: as each vector's raw bytes (fixed_size_binary, "
-                        "the default form, fast) or 'list' (the input's Arrow list type, slow to write)")
-    p.add_argument("--rows-per-partition", type=_positive_int, default=DEFAULT_ROWS_PER_PARTITION,
-                   help=f"rows per task and output part at most (default {DEFAULT_ROWS_PER_PARTITION:,})")
-    p.add_argument("--exact", action="store_true",
-                   help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
-                        "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nsfw-dask",
-        description="Score CLIP image embeddings for NSFW content with LAION's detector on Dask.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("score", help="score a parquet dataset (or LAION parquet_npy folder) into parquet",
-                       description="Score INPUT and write OUTPUT: every input column except the embeddings, "
-                                   "plus the score. OUTPUT is finished when it has _SUCCESS.")
-    p.add_argument("input", metavar="INPUT",
-                   help="parquet file, folder or glob (local or any fsspec URL), or a parquet_npy folder "
-                        "(img_emb/img_emb_N.npy + metadata/metadata_N.parquet)")
-    p.add_argument("output", metavar="OUTPUT",
-                   help="output folder, local or an fsspec URL (s3://, gs://, abfs://, file://): one parquet part "
-                        "per input partition, _SUCCESS when finished")
-    _score_args(p)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true",
-                   help="finish an interrupted run into OUTPUT: keep its committed parts, score the rest")
-    g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--storage-options", type=_storage_options, default=None, metavar="JSON",
-                   help="fsspec options for INPUT and OUTPUT, e.g. '{\"profile\": \"laion\"}'")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    _cluster_args(p)
-    _common(p)
-
-    p = sub.add_parser("fetch-weights", help="download and verify the weights, print where they are",
-                       description="Download LAION's weights (pinned URL + SHA-256) and print the path.")
-    p.add_argument("--url", default=None, help="a mirror URL (the pinned SHA-256 still applies)")
-    p.add_argument("--exact", action="store_true",
-                   help="also fetch LAION's original SavedModel zip and extract its vocabularies (for --exact)")
-    _common(p)
-
-    p = sub.add_parser("demo", help="generate a sample dataset, score it, print a summary, plot a histogram",
-                       description="The main job, end to end, on generated unit-norm embeddings.")
-    p.add_argument("--rows", type=_positive_int, default=300_000, help="rows to generate (default 300,000)")
-    p.add_argument("--out", default=None, help="folder for data, scores and the PNG (default: a temp folder)")
-    p.add_argument("--file-rows", type=_positive_int, default=50_000,
-                   help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 50,000)")
-    _score_args(p)
-    _cluster_args(p)
-    _common(p)
-    return parser
-
-
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- running a command
 
 
 _interrupted = threading.Event()
@@ -197,6 +332,55 @@ def _cli_hints(message: str) -> str:
     return message.replace("pass column=", "pass --column").replace("Pass column=", "Pass --column")
 
 
+def _our_cause(e: BaseException | None) -> BaseException | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, NsfwDaskError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during ``score``: the message says how to resume."""
+
+
+def _execute(command: Callable[[SimpleNamespace], int], args: SimpleNamespace) -> int:
+    """Run a command with logging set up; every error becomes one line and an exit code."""
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # no tracebacks from the cluster's shutdown after an error or interrupt
+        for name in ("distributed", "asyncio", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        with _sigterm_as_interrupt():
+            return command(args)
+    except _Interrupted as e:
+        print(f"nsfw-dask: interrupted; {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("nsfw-dask: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, NsfwDaskError, FileNotFoundError, FileExistsError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"nsfw-dask: error: {_cli_hints(str(e))}", file=sys.stderr)
+        return getattr(e, "code", 1)
+    except Exception as e:  # anything else: still one line unless --verbose
+        cause = _our_cause(e)
+        if cause is not None:  # e.g. dask's "Metadata inference failed" wrapping our error
+            if args.verbose:
+                traceback.print_exc()
+            print(f"nsfw-dask: error: {_cli_hints(str(cause))}", file=sys.stderr)
+            return 1
+        if args.verbose:
+            traceback.print_exc()
+        print(f"nsfw-dask: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
 def _check_gpu() -> None:
     from .gpu import cuda_available
 
@@ -228,10 +412,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         print(f"score >= {s['threshold']:<8g}{s['over_threshold']:,} rows ({pct:.2f}%)")
 
 
-# ----------------------------------------------------------------------------- commands
-
-
-def _run_score(args: argparse.Namespace, input_path: str, output: str) -> dict[str, Any]:
+def _run_score(args: SimpleNamespace, input_path: str, output: str) -> dict[str, Any]:
     from .pipeline import score_dataset
 
     if args.gpu:
@@ -259,11 +440,7 @@ def _run_score(args: argparse.Namespace, input_path: str, output: str) -> dict[s
     return d
 
 
-class _Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during ``score``: the message says how to resume."""
-
-
-def cmd_score(args: argparse.Namespace) -> int:
+def cmd_score(args: SimpleNamespace) -> int:
     try:
         summary = _run_score(args, args.input, args.output)
     except KeyboardInterrupt:
@@ -277,7 +454,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fetch_weights(args: argparse.Namespace) -> int:
+def cmd_fetch_weights(args: SimpleNamespace) -> int:
     from .weights import fetch_weights, resolve_file, resolve_weights
 
     if args.url or args.model_dir:
@@ -304,8 +481,9 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: SimpleNamespace) -> int:
     from . import demo
+    from .models import MODEL_SPECS
 
     spec = MODEL_SPECS[args.model]
     try:
@@ -325,55 +503,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if demo.plot_histogram(summary["histogram"], png, f"{summary['rows']:,} generated embeddings, {args.model}"):
         print(f"histogram        {png}")
     return 0
-
-
-def _our_cause(e: BaseException) -> BaseException | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, NsfwDaskError):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-_COMMANDS = {"score": cmd_score, "fetch-weights": cmd_fetch_weights, "demo": cmd_demo}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # no tracebacks from the cluster's shutdown after an error or interrupt
-        for name in ("distributed", "asyncio", "tornado"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        with _sigterm_as_interrupt():
-            return _COMMANDS[args.command](args)
-    except _Interrupted as e:
-        print(f"nsfw-dask: interrupted; {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("nsfw-dask: interrupted", file=sys.stderr)
-        return 130
-    except (CLIError, NsfwDaskError, FileNotFoundError, FileExistsError) as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"nsfw-dask: error: {_cli_hints(str(e))}", file=sys.stderr)
-        return getattr(e, "code", 1)
-    except Exception as e:  # anything else: still one line unless --verbose
-        cause = _our_cause(e)
-        if cause is not None:  # e.g. dask's "Metadata inference failed" wrapping our error
-            if args.verbose:
-                traceback.print_exc()
-            print(f"nsfw-dask: error: {_cli_hints(str(cause))}", file=sys.stderr)
-            return 1
-        if args.verbose:
-            traceback.print_exc()
-        print(f"nsfw-dask: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
-              file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

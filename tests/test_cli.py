@@ -62,7 +62,7 @@ def test_help_on_every_command():
     for cmd in ([], ["score"], ["fetch-weights"], ["demo"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0, r.stderr
-        assert "usage: nsfw-dask" in r.stdout
+        assert f"Usage: nsfw-dask {' '.join(cmd)}".rstrip() + " [OPTIONS]" in r.stdout, r.stdout
 
 
 def test_score_success_threshold_and_order(tmp_path, dataset, expected):
@@ -243,7 +243,8 @@ def test_output_overlapping_input_is_refused(tmp_path, dataset):
 def test_bad_numbers_and_existing_score_column(tmp_path, dataset):
     for bad in (["--batch-size", "0"], ["--threshold", "1.5"], ["--workers", "-1"]):
         r = run_cli("score", str(dataset), str(tmp_path / "o"), *bad)
-        assert r.returncode == 2 and "usage:" in r.stderr, bad
+        assert r.returncode == 2 and "usage: nsfw-dask score [OPTIONS] INPUT OUTPUT" in r.stderr, bad
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("nsfw-dask: error: "), r.stderr
     r = run_cli("score", str(dataset), str(tmp_path / "o"), "--score-column", "id", *CLUSTER)
     assert r.returncode == 2 and "already has a column 'id'" in r.stderr
     assert not (tmp_path / "o").exists()
