@@ -41,15 +41,15 @@ def _url_to_fs(path: str | os.PathLike[str]) -> tuple[Any, str]:
     return fs, root.rstrip("/") or "/"
 
 
-def _is_local(fs: Any) -> bool:
+def is_local(fs: Any) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
 
 
-def _show(fs: Any, path: str) -> str:
+def show_path(fs: Any, path: str) -> str:
     """``path`` as a user would write it: plain for local files, a URL otherwise."""
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _basename(path: str) -> str:
@@ -74,13 +74,13 @@ def _numbered(fs: Any, folder: str, suffix: str, pattern: re.Pattern[str]) -> di
         if m is None:
             expected = pattern.pattern.replace(r"(\d+)", "<N>").replace("\\", "")
             raise EmbeddingFormatError(
-                f"{_show(fs, path)}: unexpected file name in a parquet_npy folder; expected "
+                f"{show_path(fs, path)}: unexpected file name in a parquet_npy folder; expected "
                 f"{expected} with an integer N. Rename or remove it."
             )
         n = int(m.group(1))
         if n in found:
             raise EmbeddingFormatError(
-                f"{_show(fs, found[n])} and {_show(fs, path)} have the same number {n}; "
+                f"{show_path(fs, found[n])} and {show_path(fs, path)} have the same number {n}; "
                 "remove one of them."
             )
         found[n] = path
@@ -95,12 +95,12 @@ def _pairs(fs: Any, root: str) -> list[tuple[str, str]]:
         have, want = (npys[n], f"{root}/metadata/metadata_{n}.parquet") if n in npys else (
             metas[n], f"{root}/img_emb/img_emb_{n}.npy")
         raise EmbeddingFormatError(
-            f"{_show(fs, have)} has no partner: expected {_show(fs, want)} (each "
+            f"{show_path(fs, have)} has no partner: expected {show_path(fs, want)} (each "
             f"img_emb/img_emb_N.npy needs metadata/metadata_N.parquet, and vice versa). "
             "Add the missing file or remove the orphan."
         )
     if not npys:
-        raise FileNotFoundError(f"No img_emb/img_emb_N.npy files in {_show(fs, root)}")
+        raise FileNotFoundError(f"No img_emb/img_emb_N.npy files in {show_path(fs, root)}")
     return [(npys[n], metas[n]) for n in sorted(npys)]
 
 
@@ -128,7 +128,7 @@ def _read_header(f: Any, shown: str) -> tuple[tuple[int, ...], np.dtype[Any], bo
 def _npy_header(fs: Any, path: str) -> tuple[tuple[int, ...], np.dtype[Any], bool, int]:
     """:func:`_read_header` of ``path``, reading only the header."""
     with fs.open(path, "rb") as f:
-        return _read_header(f, _show(fs, path))
+        return _read_header(f, show_path(fs, path))
 
 
 def _to_pandas(table: pa.Table, start: int = 0) -> pd.DataFrame:
@@ -166,7 +166,7 @@ def _read_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
         table = pf.read_row_groups(groups)
         return table.slice(start - bounds[groups[0]], stop - start)
 
-    if _is_local(fs):
+    if is_local(fs):
         with pq.ParquetFile(meta) as pf:
             return read(pf)
     with fs.open(meta, "rb") as f, pq.ParquetFile(f) as pf:
@@ -175,10 +175,10 @@ def _read_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
 
 def _read_npy(fs: Any, npy: str, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of a 2-d ``.npy``: a view of the memory map when local."""
-    if _is_local(fs):
+    if is_local(fs):
         return np.load(npy, mmap_mode="r")[start:stop]
     with fs.open(npy, "rb") as f:
-        shape, dtype, fortran, offset = _read_header(f, _show(fs, npy))
+        shape, dtype, fortran, offset = _read_header(f, show_path(fs, npy))
         if fortran:  # rows are not contiguous: read it all (rare; np.save writes C order)
             f.seek(0)
             return np.load(f)[start:stop]
@@ -274,23 +274,23 @@ def read_embeddings(
         shape, dtype, _, data_offset = _npy_header(fs, npy)
         if len(shape) != 2 or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
             raise EmbeddingFormatError(
-                f"{_show(fs, npy)} holds a {dtype} array of shape {shape}; expected (rows, dim) floats."
+                f"{show_path(fs, npy)} holds a {dtype} array of shape {shape}; expected (rows, dim) floats."
             )
         dtype = dtype.newbyteorder("=")
         size = fs.size(npy)
         if size is not None and size < data_offset + int(np.prod(shape)) * dtype.itemsize:
             raise EmbeddingFormatError(
-                f"{_show(fs, npy)} is truncated: its header says {shape} {dtype} but the file has "
+                f"{show_path(fs, npy)} is truncated: its header says {shape} {dtype} but the file has "
                 f"only {size} bytes."
             )
-        if _is_local(fs):
+        if is_local(fs):
             md = pq.read_metadata(meta)
         else:
             with fs.open(meta, "rb") as f:
                 md = pq.read_metadata(f)
         if md.num_rows != shape[0]:
             raise EmbeddingFormatError(
-                f"{_show(fs, npy)} has {shape[0]} rows but {_show(fs, meta)} has {md.num_rows}: the "
+                f"{show_path(fs, npy)} has {shape[0]} rows but {show_path(fs, meta)} has {md.num_rows}: the "
                 "pair must describe the same images in the same order. Regenerate or remove the pair."
             )
         schema = md.schema.to_arrow_schema()
@@ -298,18 +298,18 @@ def read_embeddings(
         if dtype0 is None:
             if column in names:
                 raise EmbeddingFormatError(
-                    f"{_show(fs, meta)} already has a column {column!r}; pass another column= name."
+                    f"{show_path(fs, meta)} already has a column {column!r}; pass another column= name."
                 )
             dtype0, width0, schema0, names0 = dtype, shape[1], schema, names
         else:
             if (dtype, shape[1]) != (dtype0, width0):
                 raise EmbeddingFormatError(
-                    f"{_show(fs, npy)} holds {dtype} rows of width {shape[1]} but {_show(fs, npy0)} "
+                    f"{show_path(fs, npy)} holds {dtype} rows of width {shape[1]} but {show_path(fs, npy0)} "
                     f"holds {dtype0} rows of width {width0}; all .npy files must agree."
                 )
             if names != names0:
                 raise EmbeddingFormatError(
-                    f"{_show(fs, meta)} has columns {names} but {_show(fs, meta0)} has "
+                    f"{show_path(fs, meta)} has columns {names} but {show_path(fs, meta0)} has "
                     f"{names0}; all metadata files must have the same columns."
                 )
         for start in range(0, shape[0], rows_per_partition):
@@ -329,7 +329,7 @@ def read_embeddings(
         parts = [(npy0, meta0, 0, 0, 0)]
         divisions = None
     kwargs: dict[str, Any] = {"column": column}
-    if not _is_local(fs):
+    if not is_local(fs):
         kwargs["fs"] = fs
     return dd.from_map(
         _load_part, parts, meta=meta_df, divisions=divisions, label="read-embeddings",

@@ -26,7 +26,7 @@ from .exceptions import (
 from .loading import load_model, resolve_device
 from .models import NSFWModel, Normalization, get_spec
 from .scoring import DEFAULT_BATCH_SIZE, score_tensor
-from .weights import _search, fetch_file, fetch_weights
+from .weights import fetch_file, fetch_weights, find_weights_in
 
 __all__ = ["NSFWModel", "NSFWScorer", "Normalization"]
 
@@ -112,7 +112,7 @@ class NSFWScorer:
         if exact and spec.keras is not None:
             fetch_file(spec.keras.filename, spec.keras.url, spec.keras.sha256, folder)
         try:
-            found = _search(spec, folder)
+            found = find_weights_in(spec, folder)
         except WeightsIntegrityError as e:  # truncated/tampered: download it again
             logger.warning("%s; downloading it again", e)
             try:

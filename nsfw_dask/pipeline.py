@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from ._version import __version__
 from .exceptions import EmbeddingFormatError, NsfwDaskError
-from .io import _is_local, _show
+from .io import is_local, show_path
 from .models import get_spec
 
 __all__ = [
@@ -241,7 +241,7 @@ class Plan:
 
 def _footer(fs: Any, path: str) -> pq.FileMetaData:
     try:
-        if _is_local(fs):
+        if is_local(fs):
             return pq.read_metadata(path)
         with fs.open(path, "rb") as f:
             return pq.read_metadata(f)
@@ -250,7 +250,7 @@ def _footer(fs: Any, path: str) -> pq.FileMetaData:
         with contextlib.suppress(Exception):
             size = fs.size(path)
         what = "is empty (0 bytes)" if size == 0 else "is not a readable parquet file"
-        raise JobError(f"INPUT file {_show(fs, path)} {what} ({str(e).splitlines()[0]}); "
+        raise JobError(f"INPUT file {show_path(fs, path)} {what} ({str(e).splitlines()[0]}); "
                        "remove or replace it.") from e
 
 
@@ -397,15 +397,15 @@ def plan_input(
         schema0 = footers[0].schema.to_arrow_schema()
         names0 = [n for n in schema0.names if not _io._PANDAS_INDEX.fullmatch(n)]
         if emb in names0:
-            raise JobError(f"{_show(fs, pairs[0][1])} already has a column {emb!r}; pass --column with "
+            raise JobError(f"{show_path(fs, pairs[0][1])} already has a column {emb!r}; pass --column with "
                            "another name for the embeddings of img_emb/ (e.g. --column clip_embedding).", 2)
         if ROW_NUMBER_COLUMN in names0:
-            raise JobError(f"{_show(fs, pairs[0][1])} already has a column {ROW_NUMBER_COLUMN!r}, which the "
+            raise JobError(f"{show_path(fs, pairs[0][1])} already has a column {ROW_NUMBER_COLUMN!r}, which the "
                            "output uses for the global row number; rename that column in the metadata.", 2)
         offset = 0
         width0 = None
         for (npy, meta), (shape, dtype, _fortran, data_offset), md in zip(pairs, headers, footers):
-            where = _show(fs, npy)
+            where = show_path(fs, npy)
             if len(shape) != 2 or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
                 raise JobError(f"{where} holds a {dtype} array of shape {shape}; expected (rows, dim) floats.")
             if shape[1] != spec.dim:
@@ -414,7 +414,7 @@ def plan_input(
                 raise JobError(f"{where} holds {shape[1]}-d embeddings; the {spec.name} head expects "
                                f"{spec.dim}.{dim_hint(shape[1], spec)}")
             if width0 is not None and (dtype, shape[1]) != width0:
-                raise JobError(f"{where} holds {dtype} rows but {_show(fs, pairs[0][0])} holds "
+                raise JobError(f"{where} holds {dtype} rows but {show_path(fs, pairs[0][0])} holds "
                                f"{width0[0]}; all .npy files must agree.")
             width0 = (dtype, shape[1])
             size = fs.size(npy)
@@ -422,11 +422,11 @@ def plan_input(
                 raise JobError(f"{where} is truncated: its header says {shape} {dtype} but the file has "
                                f"only {size} bytes; regenerate it.")
             if md.num_rows != shape[0]:
-                raise JobError(f"{where} has {shape[0]} rows but {_show(fs, meta)} has {md.num_rows}: the "
+                raise JobError(f"{where} has {shape[0]} rows but {show_path(fs, meta)} has {md.num_rows}: the "
                                "pair must describe the same images in the same order.")
             names = [n for n in md.schema.to_arrow_schema().names if not _io._PANDAS_INDEX.fullmatch(n)]
             if names != names0:
-                raise JobError(f"{_show(fs, meta)} has columns {names} but {_show(fs, pairs[0][1])} has "
+                raise JobError(f"{show_path(fs, meta)} has columns {names} but {show_path(fs, pairs[0][1])} has "
                                f"{names0}; all metadata files must have the same columns.")
             groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
             for a, b in _split(shape[0], groups, rows_per_partition):
@@ -441,15 +441,15 @@ def plan_input(
             files = _list_parquet(fs, root, given)
         bad_npy = [f for f in files if f.endswith(".npy")]
         if bad_npy:
-            raise JobError(f"INPUT {given} names .npy files ({_show(fs, bad_npy[0])}); pass the parquet_npy "
+            raise JobError(f"INPUT {given} names .npy files ({show_path(fs, bad_npy[0])}); pass the parquet_npy "
                            "folder that holds img_emb/ and metadata/.", 2)
         footers = _map_threads(lambda f: _footer(fs, f), files)
         schema0 = footers[0].schema.to_arrow_schema()
-        where0 = _show(fs, files[0])
+        where0 = show_path(fs, files[0])
         for f, md in zip(files[1:], footers[1:]):
             s = md.schema.to_arrow_schema()
             if not s.remove_metadata().equals(schema0.remove_metadata()):
-                raise JobError(f"{_show(fs, f)} has schema {_schema_line(s)} but {where0} has "
+                raise JobError(f"{show_path(fs, f)} has schema {_schema_line(s)} but {where0} has "
                                f"{_schema_line(schema0)}; all INPUT files must have the same columns and types.")
         column_name = _choose_column(schema0, column, where0)
         _check_embedding_type(schema0.field(column_name).type, column_name, spec, where0)
@@ -467,7 +467,7 @@ def plan_input(
     parts = [Part(p.index, p.source, p.npy, p.start, p.stop, p.offset,
                   f"part.{p.index:0{width}d}.{_source_stem(p.source)}.parquet") for p in parts]
     infos = _map_threads(fs.info, file_list)
-    stamps = [{"path": _show(fs, f), **_stamp(i)} for f, i in zip(file_list, infos)]
+    stamps = [{"path": show_path(fs, f), **_stamp(i)} for f, i in zip(file_list, infos)]
     return Plan(kind=kind, in_fs=fs, input=path, files=stamps, parts=parts, column=column_name,
                 meta_columns=meta_columns, pandas_metadata=pandas_md)
 
@@ -528,7 +528,7 @@ def _score(plan: Plan, part: Part, emb: pa.Array, opts: _Options) -> np.ndarray:
                          batch_size=opts.batch_size, device=opts.device, model_dir=opts.model_dir,
                          score_column="__nsfw_score__")
     except EmbeddingFormatError as e:
-        shown = _show(plan.in_fs, part.npy or part.source)
+        shown = show_path(plan.in_fs, part.npy or part.source)
         raise EmbeddingFormatError(
             f"{shown}, rows {part.start}-{part.stop - 1} of that file (row numbers count from 0 within "
             f"the file): {e}") from None
@@ -606,7 +606,7 @@ def _schema_metadata(plan: Plan, opts: _Options, part: Part, stats: dict[str, An
     pandas_md = _output_pandas_metadata(plan, opts)
     if pandas_md is not None:
         md[b"pandas"] = json.dumps(pandas_md).encode()
-    info = {"job": plan.job_id, "part": part.index, "source": _show(plan.in_fs, part.npy or part.source),
+    info = {"job": plan.job_id, "part": part.index, "source": show_path(plan.in_fs, part.npy or part.source),
             "rows": [part.start, part.stop], "input_rows": part.rows, "rows_written": rows_written,
             "nan_scores": stats["nan_scores"], "over_threshold": stats["over_threshold"],
             "histogram": _encode_hist(stats["histogram"]), "version": __version__}
@@ -664,7 +664,7 @@ _TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 def _write_committed(fs: Any, root: str, name: str, table: pa.Table) -> None:
     """Write ``table`` so that ``root/name`` appears only complete: a rename, or one upload."""
     final = f"{root}/{name}"
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{root}/{_tmp_name(name)}"
         try:
             pq.write_table(table, tmp, **_write_options(table))
@@ -702,7 +702,7 @@ def _write_options(table: pa.Table) -> dict[str, Any]:
 
 def _read_part_info(fs: Any, path: str) -> tuple[int, dict[str, Any] | None]:
     """Rows and our footer record of a committed part (None if it has none)."""
-    if _is_local(fs):
+    if is_local(fs):
         md = pq.read_metadata(path)
     else:
         with fs.open(path, "rb") as f:
@@ -733,7 +733,7 @@ def run_part(plan: Plan, part: Part, opts: _Options) -> dict[str, Any]:
     _write_committed(plan.out_fs, plan.out_root, part.name, out)
     rows, info = _read_part_info(plan.out_fs, f"{plan.out_root}/{part.name}")
     if rows != out.num_rows or not _part_ok(plan, part, rows, info):
-        raise JobError(f"{_show(plan.out_fs, plan.out_root + '/' + part.name)} was written with "
+        raise JobError(f"{show_path(plan.out_fs, plan.out_root + '/' + part.name)} was written with "
                        f"{out.num_rows} rows but reads back as {rows}; the storage lost data. Rerun with --resume.")
     return {"part": part.index, "rows": part.rows, "rows_written": rows, "reused": False, **stats}
 
@@ -743,7 +743,7 @@ def run_part(plan: Plan, part: Part, opts: _Options) -> dict[str, Any]:
 
 def _job_description(plan: Plan, opts: _Options, rows_per_partition: int) -> dict[str, Any]:
     content = {
-        "input": _show(plan.in_fs, plan.input) if not _is_local(plan.in_fs) else plan.input,
+        "input": show_path(plan.in_fs, plan.input) if not is_local(plan.in_fs) else plan.input,
         "input_kind": plan.kind,
         "input_files": plan.files,
         "options": {"model": opts.model, "exact": opts.exact, "column": plan.column,
@@ -804,7 +804,7 @@ def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
 
 
 def _put_small(fs: Any, root: str, name: str, data: bytes) -> None:
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{root}/{_tmp_name(name)}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -825,11 +825,11 @@ def _listing(fs: Any, root: str) -> list[str]:
 def _check_overlap(plan: Plan, out_fs: Any, out_root: str, output_given: str) -> None:
     """OUTPUT must not contain, or sit inside, anything INPUT reads (globs, ``~``, symlinks resolved)."""
     in_fs = plan.in_fs
-    if _is_local(in_fs) != _is_local(out_fs):
+    if is_local(in_fs) != is_local(out_fs):
         return
-    if not _is_local(out_fs) and getattr(in_fs, "protocol", None) != getattr(out_fs, "protocol", None):
+    if not is_local(out_fs) and getattr(in_fs, "protocol", None) != getattr(out_fs, "protocol", None):
         return
-    resolve = _real if _is_local(out_fs) else (lambda p: p)
+    resolve = _real if is_local(out_fs) else (lambda p: p)
     out = resolve(out_root)
     roots = [resolve(_fs_path(in_fs, f["path"])) for f in plan.files]
     if not _has_glob(plan.input) and plan.kind is not None:
@@ -838,7 +838,7 @@ def _check_overlap(plan: Plan, out_fs: Any, out_root: str, output_given: str) ->
         if _inside(r, out) or _inside(out, r):
             raise JobError(f"OUTPUT {output_given} overlaps INPUT {plan.input} (both reach {r}); write "
                            "to a folder outside INPUT. nsfw-dask never writes into or over its input.", 2)
-    if _is_local(out_fs):
+    if is_local(out_fs):
         cwd = _real(os.getcwd())
         if _inside(cwd, out):
             raise JobError(f"OUTPUT {output_given} is the current folder or one of its parents; choose a "
@@ -848,7 +848,7 @@ def _check_overlap(plan: Plan, out_fs: Any, out_root: str, output_given: str) ->
 def _fs_path(fs: Any, shown: str) -> str:
     from ._compat import strip_protocol
 
-    return shown if _is_local(fs) else strip_protocol(fs, shown)
+    return shown if is_local(fs) else strip_protocol(fs, shown)
 
 
 def _probe_shared_folder(client: Any, fs: Any, root: str, plan: Plan, given: str) -> None:
@@ -859,21 +859,21 @@ def _probe_shared_folder(client: Any, fs: Any, root: str, plan: Plan, given: str
     """
     token = uuid.uuid4().hex
     folder = root
-    if _is_local(fs):
+    if is_local(fs):
         while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
             folder = os.path.dirname(folder)
     probe = f"{folder}/._nsfw_dask_probe-{token}"
     checks: list[tuple[str, int]] = []
-    if _is_local(plan.in_fs):
+    if is_local(plan.in_fs):
         for f in {plan.files[0]["path"], plan.files[-1]["path"]}:
             checks.append((f, os.path.getsize(f)))
-    if _is_local(fs):
+    if is_local(fs):
         with open(probe, "w") as fh:
             fh.write(token)
     try:
-        result = client.run(_probe_on_worker, probe if _is_local(fs) else None, token, checks)
+        result = client.run(_probe_on_worker, probe if is_local(fs) else None, token, checks)
     finally:
-        if _is_local(fs):
+        if is_local(fs):
             with contextlib.suppress(OSError):
                 os.unlink(probe)
     bad_out = [w for w, r in result.items() if not r[0]]
@@ -1114,7 +1114,7 @@ def score_dataset(
     plan.job_id = job["job_id"]
     reused, created = _prepare_output(plan, job, output_given, resume=resume, overwrite=overwrite)
     summary = Summary(partitions=len(plan.parts), partitions_reused=len(reused),
-                      threshold=opts.threshold, output=_show(out_fs, out_root))
+                      threshold=opts.threshold, output=show_path(out_fs, out_root))
     for r in reused.values():
         _add(summary, r)
     todo = [p for p in plan.parts if p.index not in reused]
@@ -1273,7 +1273,7 @@ def _prepare_output(plan: Plan, job: dict[str, Any], given: str, *, resume: bool
 def _makedirs(fs: Any, root: str) -> list[str]:
     """``fs.makedirs(root)``; returns the local folders it created, deepest first."""
     created = []
-    if _is_local(fs):
+    if is_local(fs):
         p = root
         while p and not os.path.exists(p):
             created.append(p)

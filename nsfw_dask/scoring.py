@@ -50,7 +50,7 @@ def score_tensor(
 
     Each batch is moved and cast on its own, into a preallocated buffer, so a float16 or
     float64 column, or a CPU column scored on CUDA, never gets a full-size converted copy, and
-    no batch allocates (see ``nsfw_dask._runner``).
+    no batch allocates (see ``nsfw_dask._forward``).
     """
     n = emb.shape[0]
     if out is None:
@@ -207,7 +207,9 @@ def nsfw_meta(frame: Any, *, column: Any = None, score_column: Any = "nsfw_score
     --------
     >>> scored = ddf.map_partitions(score_nsfw, meta=nsfw_meta(ddf))  # doctest: +SKIP
     """
-    meta = getattr(frame, "_meta", frame)
+    from ._compat import collection_meta
+
+    meta = collection_meta(frame)
     return score_nsfw(meta.iloc[:0], column=column, score_column=score_column)
 
 

@@ -178,7 +178,6 @@ def find_weights_in(spec: ModelSpec, folder: Path) -> WeightsInfo | None:
     return None
 
 
-_search = find_weights_in  # the old private name, still imported by nsfw_dask.nemo (to be switched)
 
 
 def _offline() -> bool:

@@ -229,7 +229,7 @@ _PRIVATE = {
     "_plan[": set(),
     "dask_expr": set(),
     "._strip_protocol(": set(),
-    '"_meta"': {"scoring.py"},
+    '"_meta"': set(),
 }
 
 

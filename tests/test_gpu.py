@@ -550,7 +550,7 @@ def test_batch_size_changes_scores_only_by_gemm_rounding(l14_ref: dict[str, np.n
     the claim checked is the weaker one that matters: every batch size gives the whole-frame
     scores within 1e-5.  Why 1e-5: changing the kernel only re-associates float32 sums
     (K <= 768 terms per dot product, 4 layers); without padding the CPU showed up to 6e-6 for a
-    1-row batch (``_runner.Runner._padded``); TF32 is excluded (it would give ~1e-3).  Whether
+    1-row batch (``_forward.Runner._padded``); TF32 is excluded (it would give ~1e-3).  Whether
     cuBLAS is in fact bitwise here is printed (``-rA``), not asserted."""
     from nsfw_dask import load_model
     from nsfw_dask.scoring import score_tensor
