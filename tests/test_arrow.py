@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsfw_dask
+from _frames import make_frame
 from nsfw_dask import EmbeddingColumnError, EmbeddingFormatError, NSFWScorer, score_nsfw
 from nsfw_dask._arrow import PandasBackend
 from nsfw_dask.models import get_spec
@@ -57,7 +58,7 @@ def _list_array(x: np.ndarray, kind: str, *, child_offset: int = 0) -> pa.Array:
 
 
 def _frame(arr: pa.Array | pa.ChunkedArray, name: str = "emb", index: Any = None, **other: Any) -> pd.DataFrame:
-    return pd.DataFrame({**other, name: pd.arrays.ArrowExtensionArray(arr)}, index=index)
+    return make_frame({**other, name: arr}, index=index)
 
 
 def _scores(df: pd.DataFrame, **kw: Any) -> np.ndarray:

@@ -43,6 +43,7 @@ import pytest
 import torch
 
 import nsfw_dask
+from _frames import make_frame
 from nsfw_dask import model_cache_info, score_nsfw
 
 pytestmark = [pytest.mark.weights, pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")]
@@ -56,8 +57,7 @@ TOL_SMALL = 0.0
 
 
 def _frame(x: np.ndarray, labels: list[str]) -> pd.DataFrame:
-    emb = pd.arrays.ArrowExtensionArray(pa.array(list(x), type=pa.list_(pa.float32())))
-    return pd.DataFrame({"id": np.arange(len(x)), "emb": emb}, index=pd.Index(labels, name="key"))
+    return make_frame({"id": np.arange(len(x)), "emb": x}, index=pd.Index(labels, name="key"))
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import nsfw_dask
+from _frames import make_frame
 from nsfw_dask import NSFWModelPlugin, model_cache_info, score_nsfw
 
 pytestmark = [pytest.mark.weights, pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")]
@@ -23,8 +24,7 @@ def client():
 
 
 def _frame(x: np.ndarray) -> pd.DataFrame:
-    emb = pd.arrays.ArrowExtensionArray(pa.array(list(x), type=pa.list_(pa.float32())))
-    return pd.DataFrame({"emb": emb, "i": np.arange(len(x))}, index=np.arange(len(x)) * 2 + 1)
+    return make_frame({"emb": x, "i": np.arange(len(x))}, index=np.arange(len(x)) * 2 + 1)
 
 
 def test_one_load_per_worker_after_many_partitions(client, l14_ref):

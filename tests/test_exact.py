@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsfw_dask
+from _frames import embedding_array, make_frame
 from nsfw_dask import NSFWScorer, score_nsfw
 from nsfw_dask.exact import (
     CategoricalEncoding,
@@ -67,11 +68,9 @@ def head(request: pytest.FixtureRequest) -> dict:
 
 
 def _frame(x: np.ndarray, pa_type: pa.DataType | None = None) -> pd.DataFrame:
-    arr = pa.array(list(x), type=pa_type or pa.list_(pa.from_numpy_dtype(x.dtype)))
-    return pd.DataFrame(
-        {"id": [f"r{i}" for i in range(len(x))], "emb": pd.arrays.ArrowExtensionArray(arr)},
-        index=pd.Index([f"k{i}" for i in range(len(x))], name="key"),
-    )
+    emb = embedding_array(x, pa_type or pa.list_(pa.from_numpy_dtype(x.dtype)))
+    return make_frame({"id": [f"r{i}" for i in range(len(x))], "emb": emb},
+                 index=pd.Index([f"k{i}" for i in range(len(x))], name="key"))
 
 
 def _assert_matches_keras(got: np.ndarray, keras: np.ndarray) -> None:

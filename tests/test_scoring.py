@@ -12,13 +12,13 @@ import pyarrow as pa
 import pytest
 
 import nsfw_dask
+from _frames import embedding_array
 from nsfw_dask import NSFWScorer, nsfw_meta, score_nsfw
 
 pytestmark = pytest.mark.weights
 
 
-def _arrow_col(x: np.ndarray) -> pd.arrays.ArrowExtensionArray:
-    return pd.arrays.ArrowExtensionArray(pa.array(list(x), type=pa.list_(pa.float32())))
+_arrow_col = embedding_array
 
 
 @pytest.fixture(scope="module")
