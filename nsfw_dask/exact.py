@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from decimal import Decimal, InvalidOperation
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
@@ -35,6 +37,9 @@ from .vocabulary import (
     vocabulary_digest,
     write_vocabulary_cache,
 )
+
+if TYPE_CHECKING:
+    from .weights import WeightsInfo
 
 __all__ = [
     "CategoricalEncoding",
@@ -112,6 +117,13 @@ class CategoricalEncoding(nn.Module):
     indices, ``zero_codes`` (k, 2) the indices of ``'0.000000'`` and ``'-0.000000'``.
     """
 
+    # registered buffers (torch types nn.Module.__getattr__ as ``Tensor | Module``)
+    columns: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+    codes_table: torch.Tensor
+    zero_codes: torch.Tensor
+
     def __init__(self, vocab: KerasVocabulary, dim: int) -> None:
         super().__init__()
         k = len(vocab.columns)
@@ -186,6 +198,9 @@ class ExactNSFWModel(nn.Module):
     ``forward`` returns ``(batch, 1)`` probabilities like :class:`~nsfw_dask.NSFWModel`.
     Shares the head's parameters; built by :func:`nsfw_dask.load_model` with ``exact=True``.
     """
+
+    # set by :func:`nsfw_dask.load_model` (the head's weights)
+    weights_info: WeightsInfo
 
     def __init__(self, head: NSFWModel, encoding: CategoricalEncoding) -> None:
         super().__init__()

@@ -8,9 +8,13 @@ LAION's published ``.pth`` files (``norm.mean``, ``norm.variance``, ``linear_1``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .weights import WeightsInfo
 
 __all__ = ["MODEL_SPECS", "KerasSpec", "ModelSpec", "NSFWModel", "Normalization", "get_spec"]
 
@@ -138,6 +142,10 @@ class Normalization(nn.Module):
         Shape of the ``mean`` and ``variance`` buffers (``[768]`` for ViT-L/14).
     """
 
+    # registered buffers (torch types nn.Module.__getattr__ as ``Tensor | Module``)
+    mean: torch.Tensor
+    variance: torch.Tensor
+
     def __init__(self, shape: list[int] | tuple[int, ...]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(shape))
@@ -166,6 +174,9 @@ class NSFWModel(nn.Module):
     >>> m(torch.zeros(3, 768)).shape
     torch.Size([3, 1])
     """
+
+    # set by :func:`nsfw_dask.load_model` on the models it caches (absent on a bare ``NSFWModel()``)
+    weights_info: WeightsInfo
 
     def __init__(self, model: str | ModelSpec = "vit-l-14") -> None:
         super().__init__()
