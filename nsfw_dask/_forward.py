@@ -73,7 +73,9 @@ class Runner:
             self.cat_mean, self.cat_std = self.mean[cols], self.std[cols]
         self.capacity = 0
         self.x_in: torch.Tensor | None = None
-        self.x_norm = self.hidden = None  # type: ignore[assignment]
+        # the normalized batch and each layer's output; allocated by ``_reserve``
+        self.x_norm: torch.Tensor | None = None
+        self.hidden: list[torch.Tensor] | None = None
         # Host -> CUDA staging (a pandas partition scored with device="cuda"): two pinned buffers
         # used in turn, so the memcpy of batch i+1 into one overlaps the GPU's work on batch i;
         # a float16/float64 batch lands in a device buffer of its own dtype (``_staged``) and is
@@ -88,7 +90,7 @@ class Runner:
     def _reserve(self, n: int) -> None:
         if n <= self.capacity:
             return
-        kw = {"dtype": self.dtype, "device": self.device}
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.x_norm = torch.empty(n, self.dim, **kw)
         self.hidden = [torch.empty(n, w.shape[1], **kw) for w, _ in self.layers]
         self.x_in = None  # allocated only if a batch needs a cast or a move
@@ -108,7 +110,7 @@ class Runner:
             torch.cuda.current_stream(self.device).synchronize()
         self.capacity = 0
         self.x_in = None
-        self.x_norm = self.hidden = None  # type: ignore[assignment]
+        self.x_norm = self.hidden = None
         self._pinned = [None, None]
         self._pinned_done = [None, None]
         self._staged = None
@@ -164,26 +166,28 @@ class Runner:
         a device buffer of its own dtype, and cast into ``x_in`` on the GPU (same stream, so in
         order).  NOT RUN by the authors (no GPU); falls back to a plain copy if pinning fails.
         """
+        x_in = self.x_in
+        assert x_in is not None  # allocated by ``__call__``, the only caller, just before
         k = self._slot = self._slot ^ 1
         buf = self._pinned[k]
         if buf is None or buf.dtype != x.dtype:
             try:
                 buf = self._pinned[k] = torch.empty(self.capacity, self.dim, dtype=x.dtype, pin_memory=True)
             except RuntimeError:  # no pinned memory to be had: the synchronous copy
-                return self.x_in[:n].copy_(x)
+                return x_in[:n].copy_(x)
             self._pinned_done[k] = None
         done = self._pinned_done[k]
         if done is not None:
             done.synchronize()
         buf[:n].copy_(x)
         if x.dtype == self.dtype:
-            staged = self.x_in[:n].copy_(buf[:n], non_blocking=True)
+            staged = x_in[:n].copy_(buf[:n], non_blocking=True)
         else:
             dev = self._staged
             if dev is None or dev.dtype != x.dtype:
                 dev = self._staged = torch.empty(self.capacity, self.dim, dtype=x.dtype, device=self.device)
             dev[:n].copy_(buf[:n], non_blocking=True)  # same dtype: a plain cudaMemcpyAsync
-            staged = self.x_in[:n].copy_(dev[:n])  # the cast, a kernel on the same device and stream
+            staged = x_in[:n].copy_(dev[:n])  # the cast, a kernel on the same device and stream
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         self._pinned_done[k] = ev
@@ -208,6 +212,11 @@ class Runner:
             self._padded(x, out, codes)
             return
         self._reserve(n)
+        x_norm, hidden = self.x_norm, self.hidden
+        if x_norm is None or hidden is None:
+            # only an empty batch before any other (``score_tensor`` never passes one): no
+            # buffers yet; the same error that indexing the missing buffer below used to raise
+            raise TypeError("'NoneType' object is not subscriptable")
         src = x
         enc = self.encoding
         eager = enc is not None and self.impute_eagerly
@@ -220,16 +229,17 @@ class Runner:
             elif not eager:
                 # cast straight into the normalization buffer and subtract in place: the same
                 # float32 arithmetic as ``sub(cast, mean)``, one buffer (and one pass) fewer
-                h = self.x_norm[:n].copy_(x, non_blocking=True).sub_(self.mean)
+                h = x_norm[:n].copy_(x, non_blocking=True).sub_(self.mean)
             else:
-                if self.x_in is None:
-                    self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
-                x = self.x_in[:n].copy_(x, non_blocking=True)
+                x_in = self.x_in
+                if x_in is None:
+                    x_in = self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
+                x = x_in[:n].copy_(x, non_blocking=True)
         if h is None and eager:  # exact mode: NaN -> 0 (+-inf kept)
-            h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=self.x_norm[:n])
+            h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=x_norm[:n])
             h.sub_(self.mean)
         elif h is None:
-            h = torch.sub(x, self.mean, out=self.x_norm[:n])
+            h = torch.sub(x, self.mean, out=x_norm[:n])
         h.div_(self.std)
         if enc is not None:  # the categorical columns: their vocabulary indices, normalized
             if codes is None:
@@ -238,7 +248,7 @@ class Runner:
             h[:, enc.columns] = torch.sub(codes, self.cat_mean).div_(self.cat_std)
         last = len(self.layers) - 1
         for i, (w_t, b) in enumerate(self.layers):
-            h = torch.addmm(b, h, w_t, out=self.hidden[i][:n])
+            h = torch.addmm(b, h, w_t, out=hidden[i][:n])
             if i < last:
                 h.relu_()
         h = h.view(-1)
