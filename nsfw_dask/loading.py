@@ -107,6 +107,7 @@ def _load_exact(spec: ModelSpec, dev: torch.device, dtype: torch.dtype,
                 model_dir: str | os.PathLike[str] | None) -> ExactNSFWModel:
     with _lock:
         head = load_model(spec, device=dev, dtype=dtype, model_dir=model_dir)
+        assert isinstance(head, NSFWModel)  # exact=False: the head itself
         assert spec.keras is not None
         key = (spec.name, f"{head.weights_info.checksum}|exact:{spec.keras.vocab_digest}", str(dev), dtype)
         m = _models.get(key)

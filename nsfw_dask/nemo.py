@@ -138,6 +138,7 @@ class NSFWScorer:
         """
         if self.nsfw_model is None:
             self.setup()
+        assert self.nsfw_model is not None  # set by setup()
         if isinstance(embeddings, np.ndarray):
             arr = embeddings if embeddings.flags.writeable else embeddings.copy()
             embeddings = torch.from_numpy(arr)

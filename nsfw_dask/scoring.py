@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,10 @@ from ._forward import get_runner
 from .dispatch import Segment, get_backend
 from .loading import load_model, resolve_device
 from .models import get_spec
+
+if TYPE_CHECKING:
+    from .exact import ExactNSFWModel
+    from .models import NSFWModel
 
 __all__ = ["DEFAULT_BATCH_SIZE", "nsfw_meta", "score", "score_nsfw", "score_tensor"]
 
@@ -39,7 +43,7 @@ def _in_dask_meta_inference() -> bool:
 
 
 def score_tensor(
-    model: torch.nn.Module,
+    model: NSFWModel | ExactNSFWModel,
     emb: torch.Tensor,
     *,
     batch_size: int,
@@ -69,6 +73,7 @@ def score_tensor(
         for c in range(0, n, chunk):
             part = emb[c : c + chunk]
             codes = runner.codes(part)
+            assert codes is not None  # runner.encoding is set: exact mode
             for i in range(0, part.shape[0], bs):
                 runner(part[i : i + bs], out[c + i : c + i + bs], codes[i : i + bs])
     return out
@@ -78,7 +83,7 @@ def score_tensor(
 _EXACT_CHUNK_ROWS = 65_536
 
 
-def _score_segments(model: torch.nn.Module, segments: list[Segment], n: int, *,
+def _score_segments(model: NSFWModel | ExactNSFWModel, segments: list[Segment], n: int, *,
                     batch_size: int, device: torch.device) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=device)
     covered = 0
