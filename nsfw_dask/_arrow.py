@@ -132,10 +132,10 @@ class PandasBackend:
 def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
     """One conversion of an object column (numpy arrays, lists, None) to an Arrow list array."""
     logger.debug("column %r is an object column: one copy to Arrow", column)
-    for pos, v in enumerate(s.array):  # pyarrow would silently turn an integer array into floats
+    for row, v in enumerate(s.array):  # pyarrow would silently turn an integer array into floats
         if isinstance(v, np.ndarray) and v.dtype.kind != "f":
             raise EmbeddingFormatError(
-                f"Column {column!r}: row {label_repr(s.index[pos])} holds a numpy array of {v.dtype}, "
+                f"Column {column!r}: row {label_repr(s.index[row])} holds a numpy array of {v.dtype}, "
                 "not of floats (a quantized or integer embedding is not a CLIP embedding until it "
                 f"is dequantized). {_CAST_FIX}"
             )

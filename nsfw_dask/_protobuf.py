@@ -39,6 +39,7 @@ def varint(buf: bytes, i: int) -> tuple[int, int]:
 def fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) of every field of one message; values of type 2 are bytes."""
     i, n = 0, len(buf)
+    value: int | bytes
     while i < n:
         key, i = varint(buf, i)
         field, wire = key >> 3, key & 7

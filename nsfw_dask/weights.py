@@ -399,10 +399,11 @@ def _side_lock(dest: Path, timeout: float) -> Iterator[None]:
     it is still safe (unique temporary file, verified, atomic rename), only maybe done twice.
     """
     lock_path = cache_dir() / "locks" / f"{hashlib.sha256(str(dest).encode()).hexdigest()[:32]}.lock"
-    lock: FileLock | None = FileLock(str(lock_path), timeout=max(600.0, 4 * timeout))
+    file_lock = FileLock(str(lock_path), timeout=max(600.0, 4 * timeout))
+    lock: FileLock | None = file_lock  # None: copying without a lock
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
+        file_lock.acquire()
     except LockTimeout as e:
         raise WeightsError(
             f"Timed out waiting for {lock_path}: another process has been writing {dest} for too "
