@@ -12,22 +12,43 @@ to be here keep working (see ``_COMPAT`` and ``_MOVED`` below).
 """
 
 import importlib as _importlib
+import importlib.util as _importlib_util
 import warnings as _warnings
+from typing import TYPE_CHECKING
 
 from ._version import __version__
 from .exceptions import (
     EmbeddingColumnError,
     EmbeddingFormatError,
+    JobError,
     NsfwDaskError,
     WeightsError,
     WeightsIntegrityError,
     WeightsNotFoundError,
 )
-from .io import read_embeddings
-from .loading import clear_model_cache, load_model, model_cache_info
-from .pipeline import JobError, Summary, score_dataset
-from .plugin import NSFWModelPlugin
-from .scoring import nsfw_meta, score, score_nsfw
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first use (_LAZY)
+    from .io import read_embeddings
+    from .loading import clear_model_cache, load_model, model_cache_info
+    from .pipeline import Summary, score_dataset
+    from .plugin import NSFWModelPlugin
+    from .scoring import nsfw_meta, score, score_nsfw
+
+#: The public names that need torch, pyarrow or dask, imported on first use: {name: module}.
+#: ``import nsfw_dask`` (and so ``nsfw-dask --help``, and every ``dask ...`` command, which loads
+#: the ``dask_cli`` entry points) imports neither torch nor dask.
+_LAZY: dict[str, str] = {
+    "read_embeddings": "io",
+    "clear_model_cache": "loading",
+    "load_model": "loading",
+    "model_cache_info": "loading",
+    "Summary": "pipeline",
+    "score_dataset": "pipeline",
+    "NSFWModelPlugin": "plugin",
+    "nsfw_meta": "scoring",
+    "score": "scoring",
+    "score_nsfw": "scoring",
+}
 
 __all__ = [
     "EmbeddingColumnError",
@@ -73,8 +94,9 @@ _MOVED: dict[str, str] = {
 
 
 def __getattr__(name: str) -> object:
-    if name in _COMPAT:
-        value = getattr(_importlib.import_module(f"{__name__}.{_COMPAT[name]}"), name)
+    if name in _LAZY or name in _COMPAT:
+        module = _LAZY.get(name) or _COMPAT[name]
+        value = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
         globals()[name] = value  # resolved once
         return value
     if name in _MOVED:
@@ -85,8 +107,10 @@ def __getattr__(name: str) -> object:
             stacklevel=2,  # the importing line (warnings skips importlib's frames)
         )
         return getattr(_importlib.import_module(module), name)
+    if not name.startswith("__") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+        return _importlib.import_module(f"{__name__}.{name}")  # a submodule: nsfw_dask.pipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_COMPAT) | set(_MOVED))
+    return sorted(set(globals()) | set(_LAZY) | set(_COMPAT) | set(_MOVED))

@@ -36,3 +36,18 @@ class WeightsNotFoundError(WeightsError, FileNotFoundError):
 
 class WeightsIntegrityError(WeightsError):
     """A weights file exists but is truncated, corrupted or not LAION's file."""
+
+
+class JobError(NsfwDaskError):
+    """The job cannot run as asked (paths, options, an existing OUTPUT); the message says the fix.
+
+    ``code`` is the CLI exit status: 2 for a usage problem, 1 otherwise.
+    (Raised by :func:`nsfw_dask.score_dataset`; also importable from :mod:`nsfw_dask.pipeline`.)
+    """
+
+    def __init__(self, msg: str, code: int = 1) -> None:
+        super().__init__(msg)
+        self.code = code
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return (type(self), (str(self), self.code))

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._version import __version__
-from .exceptions import EmbeddingFormatError, NsfwDaskError
+from .exceptions import EmbeddingFormatError, JobError
 from .io import is_local, show_path
 from .models import get_spec
 
@@ -72,20 +72,6 @@ _JOB_FORMAT = "nsfw-dask-job/1"
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 # the writer settings: dictionary encoding only where it pays (see docs/performance.md)
 _WRITE_OPTS: dict[str, Any] = {"compression": "snappy"}
-
-
-class JobError(NsfwDaskError):
-    """The job cannot run as asked (paths, options, an existing OUTPUT); the message says the fix.
-
-    ``code`` is the CLI exit status: 2 for a usage problem, 1 otherwise.
-    """
-
-    def __init__(self, msg: str, code: int = 1) -> None:
-        super().__init__(msg)
-        self.code = code
-
-    def __reduce__(self) -> Any:
-        return (type(self), (str(self), self.code))
 
 
 # ----------------------------------------------------------------------------- summary
