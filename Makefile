@@ -9,7 +9,7 @@ EXTRAS ?= test
 WEIGHTS ?= $(if $(NSFW_DASK_MODEL_DIR),$(NSFW_DASK_MODEL_DIR),$(abspath ../shared/weights))
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-all demo bench bench-quick bench-job gpu-api-check clean
+.PHONY: setup test lint test-all demo bench bench-quick bench-job gpu-api-check clean
 
 setup: $(VENV)/.installed
 
@@ -20,9 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA build' if torch.version.cuda else 'CPU build')"
 	touch $@
 
-## the tests (weight-dependent ones read LAION's weights from $(WEIGHTS))
-test: setup
+## the tests: lint and format (ruff), types (mypy), then pytest (weight-dependent ones read LAION's weights from $(WEIGHTS))
+test: setup lint
 	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python -m pytest
+
+## ruff (lint, import order, format) and mypy, as configured in pyproject.toml
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 ## the main job: generate a sample dataset, score it on a local Dask cluster, summary + histogram
 demo: setup

@@ -69,7 +69,7 @@ DIM = 768  # ViT-L/14
 MODEL = "vit-l-14"
 
 # The simplest single-process script a user could write (run as a whole process).
-USER_SCRIPT = '''\
+USER_SCRIPT = """\
 import glob, json, os, sys
 import numpy as np
 import pyarrow as pa
@@ -94,11 +94,11 @@ for npy in sorted(glob.glob(os.path.join(src, "img_emb", "img_emb_*.npy"))):
     pq.write_table(table, os.path.join(dst, f"metadata_{n}.parquet"))
     rows += len(emb)
 print(json.dumps({"rows": rows}))
-'''
+"""
 
 # A read-only pass on the CLI's default cluster: per partition of the job's plan, read the rows
 # with the job's reader and return the row count.
-READ_ONLY_SCRIPT = '''\
+READ_ONLY_SCRIPT = """\
 import json, logging, os, sys, time
 
 
@@ -134,21 +134,86 @@ if __name__ == "__main__":
     for name in ("distributed", "asyncio", "tornado"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     main()
-'''
+"""
 
 
 # ----------------------------------------------------------------------------- data
 
 
 def _text_pool(rng: Any, n_chars: int) -> str:
-    words = ["photo", "of", "a", "the", "dog", "cat", "red", "blue", "green", "woman", "man",
-             "car", "house", "tree", "beach", "sunset", "city", "night", "vintage", "poster",
-             "illustration", "portrait", "landscape", "black", "white", "wooden", "table", "chair",
-             "logo", "vector", "art", "print", "modern", "style", "design", "summer", "winter",
-             "flowers", "garden", "kitchen", "interior", "wedding", "dress", "shoes", "watch",
-             "street", "mountain", "river", "lake", "sky", "cloud", "stock", "image", "free",
-             "download", "hd", "wallpaper", "small", "large", "old", "new", "cute", "happy",
-             "family", "kids", "children", "food", "pizza", "coffee", "book", "cover"]
+    words = [
+        "photo",
+        "of",
+        "a",
+        "the",
+        "dog",
+        "cat",
+        "red",
+        "blue",
+        "green",
+        "woman",
+        "man",
+        "car",
+        "house",
+        "tree",
+        "beach",
+        "sunset",
+        "city",
+        "night",
+        "vintage",
+        "poster",
+        "illustration",
+        "portrait",
+        "landscape",
+        "black",
+        "white",
+        "wooden",
+        "table",
+        "chair",
+        "logo",
+        "vector",
+        "art",
+        "print",
+        "modern",
+        "style",
+        "design",
+        "summer",
+        "winter",
+        "flowers",
+        "garden",
+        "kitchen",
+        "interior",
+        "wedding",
+        "dress",
+        "shoes",
+        "watch",
+        "street",
+        "mountain",
+        "river",
+        "lake",
+        "sky",
+        "cloud",
+        "stock",
+        "image",
+        "free",
+        "download",
+        "hd",
+        "wallpaper",
+        "small",
+        "large",
+        "old",
+        "new",
+        "cute",
+        "happy",
+        "family",
+        "kids",
+        "children",
+        "food",
+        "pizza",
+        "coffee",
+        "book",
+        "cover",
+    ]
     idx = rng.integers(0, len(words), n_chars // 5)
     return " ".join(words[i] for i in idx)[:n_chars]
 
@@ -156,7 +221,7 @@ def _text_pool(rng: Any, n_chars: int) -> str:
 def _strings(rng: Any, pool: str, n: int, lo: int, hi: int) -> list[str]:
     lengths = rng.integers(lo, hi + 1, n)
     starts = rng.integers(0, len(pool) - hi - 1, n)
-    return [pool[s:s + k] for s, k in zip(starts.tolist(), lengths.tolist())]
+    return [pool[s : s + k] for s, k in zip(starts.tolist(), lengths.tolist())]
 
 
 def write_parquet_npy(folder: Path, pairs: int, rows_per_pair: int, seed: int) -> int:
@@ -168,8 +233,15 @@ def write_parquet_npy(folder: Path, pairs: int, rows_per_pair: int, seed: int) -
     (folder / "img_emb").mkdir(parents=True)
     (folder / "metadata").mkdir()
     rng = np.random.default_rng(seed)
-    domains = ["cdn.shopify.com", "i.pinimg.com", "images.example.org", "media.istockphoto.com",
-               "upload.wikimedia.org", "img.photobucket.example", "static.flickr.example"]
+    domains = [
+        "cdn.shopify.com",
+        "i.pinimg.com",
+        "images.example.org",
+        "media.istockphoto.com",
+        "upload.wikimedia.org",
+        "img.photobucket.example",
+        "static.flickr.example",
+    ]
     pool = _text_pool(rng, 2_000_000)
     url_pool = pool.replace(" ", "/")
     row = 0
@@ -186,8 +258,9 @@ def write_parquet_npy(folder: Path, pairs: int, rows_per_pair: int, seed: int) -
         urls = [f"https://{domains[d]}/{t}.jpg"[:90] for d, t in zip(dom, tails)]
         captions = _strings(rng, pool, rows_per_pair, 40, 80)
         keys = [f"{row + j:09d}" for j in range(rows_per_pair)]
-        pq.write_table(pa.table({"url": urls, "caption": captions, "key": keys}),
-                       folder / "metadata" / f"metadata_{i}.parquet")
+        pq.write_table(
+            pa.table({"url": urls, "caption": captions, "key": keys}), folder / "metadata" / f"metadata_{i}.parquet"
+        )
         row += rows_per_pair
     return row
 
@@ -201,7 +274,7 @@ def write_parquet_list(src: Path, dst: Path, row_group_rows: int) -> int:
     dst.mkdir(parents=True)
     rows = 0
     for npy in sorted((src / "img_emb").glob("img_emb_*.npy")):
-        n = npy.stem[len("img_emb_"):]
+        n = npy.stem[len("img_emb_") :]
         meta = pq.read_table(src / "metadata" / f"metadata_{n}.parquet")
         x = np.load(npy).astype(np.float32)
         k, dim = x.shape
@@ -215,8 +288,13 @@ def write_parquet_list(src: Path, dst: Path, row_group_rows: int) -> int:
 
 def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Generate (or reuse, when --work holds the same sizes) the four inputs."""
-    want = {"small": [1, args.rows_small], "large": [args.large_pairs, args.rows_per_pair],
-            "row_group_rows": args.row_group_rows, "dim": DIM, "format": 1}
+    want = {
+        "small": [1, args.rows_small],
+        "large": [args.large_pairs, args.rows_per_pair],
+        "row_group_rows": args.row_group_rows,
+        "dim": DIM,
+        "format": 1,
+    }
     manifest = work / "data" / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("sizes") == want:
         print(f"reusing the data in {work / 'data'}")
@@ -263,13 +341,24 @@ class Runner:
         self.read_only_script.write_text(READ_ONLY_SCRIPT)
 
     def cli(self, src: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "nsfw_dask", "score", src, str(self.out_dir), "--json",
-                "--no-progress", "--overwrite", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "nsfw_dask",
+            "score",
+            src,
+            str(self.out_dir),
+            "--json",
+            "--no-progress",
+            "--overwrite",
+            *extra,
+        ]
 
     def command(self, kind: str, src: str) -> list[str]:
         if kind.startswith("cli"):
-            extra = {"cli_keep_binary": ["--keep-embeddings"],
-                     "cli_keep_list": ["--keep-embeddings", "list"]}.get(kind, [])
+            extra = {"cli_keep_binary": ["--keep-embeddings"], "cli_keep_list": ["--keep-embeddings", "list"]}.get(
+                kind, []
+            )
             return self.cli(src, *extra)
         if kind == "script_npy":
             return [sys.executable, str(self.user_script), src, str(self.out_dir)]
@@ -277,16 +366,25 @@ class Runner:
             return [sys.executable, str(self.read_only_script), src]
         raise ValueError(kind)
 
-    def run(self, kind: str, size: str, src: str, *, cmd: list[str] | None = None,
-            poll_rss: bool = False, record: bool = True) -> dict[str, Any]:
+    def run(
+        self,
+        kind: str,
+        size: str,
+        src: str,
+        *,
+        cmd: list[str] | None = None,
+        poll_rss: bool = False,
+        record: bool = True,
+    ) -> dict[str, Any]:
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)  # outside the timed window
         cmd = cmd or self.command(kind, src)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         if poll_rss:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=self.env, cwd=self.work)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.work
+            )
             rss = _poll_rss(proc)
             stdout, stderr = proc.communicate()
             rc = proc.returncode
@@ -300,7 +398,9 @@ class Runner:
         lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
         reported = json.loads(lines[-1]) if lines else {}
         rec: dict[str, Any] = {
-            "kind": kind, "size": size, "wall_s": wall,
+            "kind": kind,
+            "size": size,
+            "wall_s": wall,
             "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
             "reported": reported,
         }
@@ -310,9 +410,11 @@ class Runner:
             rec["rss"] = rss
         if record:
             self.raw.setdefault(f"{kind}/{size}", []).append(rec)
-        print(f"  {kind:20s} {size:5s} {wall:7.2f} s" + (f"  ({reported.get('rows', '?'):,} rows)"
-                                                       if isinstance(reported.get("rows"), int) else ""),
-              flush=True)
+        print(
+            f"  {kind:20s} {size:5s} {wall:7.2f} s"
+            + (f"  ({reported.get('rows', '?'):,} rows)" if isinstance(reported.get("rows"), int) else ""),
+            flush=True,
+        )
         return rec
 
     def walls(self, kind: str, size: str) -> list[float]:
@@ -338,18 +440,26 @@ def _poll_rss(proc: subprocess.Popen[str], interval: float = 0.1) -> dict[str, A
                 d = peak.get(ch.pid)
                 if d is None:
                     cmd = " ".join(ch.cmdline())
-                    d = peak[ch.pid] = {"pid": ch.pid, "worker": "spawn_main" in cmd and "resource_tracker"
-                                        not in cmd, "cmd": cmd[:120], "peak_rss": 0, "peak_rss_minus_shared": 0}
+                    d = peak[ch.pid] = {
+                        "pid": ch.pid,
+                        "worker": "spawn_main" in cmd and "resource_tracker" not in cmd,
+                        "cmd": cmd[:120],
+                        "peak_rss": 0,
+                        "peak_rss_minus_shared": 0,
+                    }
                 d["peak_rss"] = max(d["peak_rss"], mi.rss)
                 d["peak_rss_minus_shared"] = max(d["peak_rss_minus_shared"], mi.rss - mi.shared)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         time.sleep(interval)
     workers = [d for d in peak.values() if d["worker"]]
-    return {"cli_process_peak_rss": root_peak, "processes": list(peak.values()),
-            "workers": len(workers),
-            "max_worker_peak_rss": max((d["peak_rss"] for d in workers), default=None),
-            "max_worker_peak_rss_minus_shared": max((d["peak_rss_minus_shared"] for d in workers), default=None)}
+    return {
+        "cli_process_peak_rss": root_peak,
+        "processes": list(peak.values()),
+        "workers": len(workers),
+        "max_worker_peak_rss": max((d["peak_rss"] for d in workers), default=None),
+        "max_worker_peak_rss_minus_shared": max((d["peak_rss_minus_shared"] for d in workers), default=None),
+    }
 
 
 # ----------------------------------------------------------------------------- figures
@@ -362,8 +472,14 @@ def _median(xs: list[float]) -> float | None:
 def marginal(runner: Runner, kind: str, rows: dict[str, int]) -> dict[str, Any]:
     ws, wl = runner.walls(kind, "small"), runner.walls(kind, "large")
     ms, ml = _median(ws), _median(wl)
-    d: dict[str, Any] = {"rows_small": rows["small"], "rows_large": rows["large"],
-                         "wall_small_s": ws, "wall_large_s": wl, "median_small_s": ms, "median_large_s": ml}
+    d: dict[str, Any] = {
+        "rows_small": rows["small"],
+        "rows_large": rows["large"],
+        "wall_small_s": ws,
+        "wall_large_s": wl,
+        "median_small_s": ms,
+        "median_large_s": ml,
+    }
     if ms is None or ml is None:
         return d
     dt = ml - ms
@@ -378,8 +494,7 @@ def marginal(runner: Runner, kind: str, rows: dict[str, int]) -> dict[str, Any]:
     rep = [r["reported"] for r in runner.raw.get(f"{kind}/large", [])]
     if rep and "compute_seconds" in rep[0]:
         d["reported_compute_s_large"] = [r["compute_seconds"] for r in rep]
-        d["reported_compute_s_small"] = [r["reported"]["compute_seconds"]
-                                         for r in runner.raw.get(f"{kind}/small", [])]
+        d["reported_compute_s_small"] = [r["reported"]["compute_seconds"] for r in runner.raw.get(f"{kind}/small", [])]
     if rep and "rows" in rep[0]:
         bad = [r["rows"] for r in rep if r["rows"] != rows["large"]]
         if bad:
@@ -400,8 +515,12 @@ def measure_limit(repeats: int) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "nproc": os.cpu_count(), "machine": platform.machine()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "nproc": os.cpu_count(),
+        "machine": platform.machine(),
+    }
     try:
         info["nproc_affinity"] = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -448,12 +567,14 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
     # warm-up: one untimed run of each kind (imports compiled, caches warm); not with --quick
     if not args.quick:
         print("warm-up (not counted)")
-        for kind, src in (("cli_npy", P["small_npy"]), ("script_npy", P["small_npy"]),
-                          ("read_only_parquet", P["small_parquet"])):
+        for kind, src in (
+            ("cli_npy", P["small_npy"]),
+            ("script_npy", P["small_npy"]),
+            ("read_only_parquet", P["small_parquet"]),
+        ):
             result.setdefault("warmup", []).append(runner.run(kind, "small", src, record=False))
 
-    kinds = [("cli_npy", "npy"), ("script_npy", "npy"), ("cli_parquet", "parquet"),
-             ("read_only_parquet", "parquet")]
+    kinds = [("cli_npy", "npy"), ("script_npy", "npy"), ("cli_parquet", "parquet"), ("read_only_parquet", "parquet")]
     keep = [] if args.no_keep_embeddings else ["cli_keep_binary", "cli_keep_list"]
     mem_rpp = rows["small"]  # SMALL is one partition; LARGE is many of the same size
     # --quick saves two processes: the memory figures come from its timed cli_npy runs, which then
@@ -465,8 +586,9 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
             for size in ("small", "large"):
                 src = P[f"{size}_{fmt}"]
                 if kind == mem_kind:
-                    runner.run(kind, size, src, cmd=runner.cli(src, "--rows-per-partition", str(mem_rpp)),
-                               poll_rss=True)
+                    runner.run(
+                        kind, size, src, cmd=runner.cli(src, "--rows-per-partition", str(mem_rpp)), poll_rss=True
+                    )
                 else:
                     runner.run(kind, size, src)
         if rnd < args.keep_repeats:
@@ -477,8 +599,7 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
         print("worker memory (RSS polled every 0.1 s)")
         for size in ("small", "large"):
             src = P[f"{size}_npy"]
-            runner.run(mem_kind, size, src, cmd=runner.cli(src, "--rows-per-partition", str(mem_rpp)),
-                       poll_rss=True)
+            runner.run(mem_kind, size, src, cmd=runner.cli(src, "--rows-per-partition", str(mem_rpp)), poll_rss=True)
 
     print("L (sgemm peak), after the runs")
     lim1 = measure_limit(args.limit_repeats)
@@ -499,15 +620,24 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
         fig["cli_over_script"]["meets_target"] = c / s >= 2.0
     cm, rm = fig["cli_parquet"].get("marginal_s"), fig["read_only_parquet"].get("marginal_s")
     over = (cm - rm) / rm if cm and rm and cm > 0 and rm > 0 else None  # None: noise swamped a marginal
-    fig["parquet_overhead"] = {"cli_marginal_s": cm, "read_marginal_s": rm, "overhead": over,
-                               "target": 0.10, "meets_target": None if over is None else over <= 0.10,
-                               "read_only_marginal_rows_per_s": fig["read_only_parquet"].get("marginal_rows_per_s")}
+    fig["parquet_overhead"] = {
+        "cli_marginal_s": cm,
+        "read_marginal_s": rm,
+        "overhead": over,
+        "target": 0.10,
+        "meets_target": None if over is None else over <= 0.10,
+        "read_only_marginal_rows_per_s": fig["read_only_parquet"].get("marginal_rows_per_s"),
+    }
 
     mem: dict[str, Any] = {"rows_per_partition": mem_rpp, "runs": mem_kind}
     for size in ("small", "large"):
         rec = runner.raw[f"{mem_kind}/{size}"][0]
-        mem[size] = {"rows": rows[size], "partitions": rec["reported"].get("partitions"),
-                     "wall_s": rec["wall_s"], **{k: v for k, v in rec["rss"].items() if k != "processes"}}
+        mem[size] = {
+            "rows": rows[size],
+            "partitions": rec["reported"].get("partitions"),
+            "wall_s": rec["wall_s"],
+            **{k: v for k, v in rec["rss"].items() if k != "processes"},
+        }
     a, b = mem["small"]["max_worker_peak_rss"], mem["large"]["max_worker_peak_rss"]
     mem["large_over_small"] = b / a if a and b else None
     a2, b2 = mem["small"]["max_worker_peak_rss_minus_shared"], mem["large"]["max_worker_peak_rss_minus_shared"]
@@ -520,27 +650,37 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
             recs = runner.raw.get(f"{kind}/large", [])
             w = [r["wall_s"] for r in recs]
             comp = [r["reported"]["compute_seconds"] for r in recs if "compute_seconds" in r["reported"]]
-            ke[label] = {"wall_s": w, "median_wall_s": _median(w), "rows": rows["large"],
-                         "rows_per_s_whole_process": rows["large"] / _median(w) if w else None,
-                         "reported_compute_s": comp,
-                         "rows_per_s_compute": rows["large"] / _median(comp) if comp else None,
-                         "output_bytes": recs[-1].get("output_bytes") if recs else None}
+            ke[label] = {
+                "wall_s": w,
+                "median_wall_s": _median(w),
+                "rows": rows["large"],
+                "rows_per_s_whole_process": rows["large"] / _median(w) if w else None,
+                "reported_compute_s": comp,
+                "rows_per_s_compute": rows["large"] / _median(comp) if comp else None,
+                "output_bytes": recs[-1].get("output_bytes") if recs else None,
+            }
         for label in ("binary", "list"):
             if ke["default"]["median_wall_s"] and ke[label]["median_wall_s"]:
                 ke[label]["added_s_vs_default"] = ke[label]["median_wall_s"] - ke["default"]["median_wall_s"]
-        ke["default"]["runs"] = ("cli_npy, LARGE, all rounds" if mem_kind != "cli_npy" else
-                                 f"cli_npy, LARGE, with --rows-per-partition {mem_rpp} (--quick)")
+        ke["default"]["runs"] = (
+            "cli_npy, LARGE, all rounds"
+            if mem_kind != "cli_npy"
+            else f"cli_npy, LARGE, with --rows-per-partition {mem_rpp} (--quick)"
+        )
         fig["keep_embeddings"] = ke
 
     cr = fig["cli_npy"].get("marginal_rows_per_s")
     fig["projection"] = {
         "embeddings": LAION_EMBEDDINGS,
         "label": f"PROJECTION (not measured): one node like this one ({os.cpu_count()} CPUs, CPU scoring, "
-                 "parquet_npy input on local disk) at the measured CLI marginal rate",
+        "parquet_npy input on local disk) at the measured CLI marginal rate",
         "cli_marginal_rows_per_s": cr,
         "hours_per_node": LAION_EMBEDDINGS / cr / 3600 if cr else None,
-        "hours_per_node_parquet": (LAION_EMBEDDINGS / fig["cli_parquet"]["marginal_rows_per_s"] / 3600
-                                   if fig["cli_parquet"].get("marginal_rows_per_s") else None),
+        "hours_per_node_parquet": (
+            LAION_EMBEDDINGS / fig["cli_parquet"]["marginal_rows_per_s"] / 3600
+            if fig["cli_parquet"].get("marginal_rows_per_s")
+            else None
+        ),
     }
     result["figures"] = fig
     result["raw"] = runner.raw
@@ -556,37 +696,51 @@ def print_table(result: dict[str, Any]) -> None:
     d = result["data"]["rows"]
     mb = 2**20
     print()
-    print(f"L = {L:,.0f} rows/s (sgemm {result['limit']['sgemm_flops'] / 1e9:.1f} GFLOP/s; "
-          f"before {result['limit']['rows_per_s_before']:,.0f}, after {result['limit']['rows_per_s_after']:,.0f})")
-    print(f"SMALL {d['small']:,} rows, LARGE {d['large']:,} rows; medians of {result['args']['repeats']} "
-          "interleaved whole-process runs")
+    print(
+        f"L = {L:,.0f} rows/s (sgemm {result['limit']['sgemm_flops'] / 1e9:.1f} GFLOP/s; "
+        f"before {result['limit']['rows_per_s_before']:,.0f}, after {result['limit']['rows_per_s_after']:,.0f})"
+    )
+    print(
+        f"SMALL {d['small']:,} rows, LARGE {d['large']:,} rows; medians of {result['args']['repeats']} "
+        "interleaved whole-process runs"
+    )
     print(f"{'figure (marginal = ΔROWS / Δmedian wall)':44s} {'rows/s':>14s} {'÷ L':>6s}   median wall S / L")
-    for kind, label in (("cli_npy", "CLI, parquet_npy"), ("script_npy", "single-process script, parquet_npy"),
-                        ("cli_parquet", "CLI, parquet list<float32>"),
-                        ("read_only_parquet", "read-only pass, same cluster (floor)")):
+    for kind, label in (
+        ("cli_npy", "CLI, parquet_npy"),
+        ("script_npy", "single-process script, parquet_npy"),
+        ("cli_parquet", "CLI, parquet list<float32>"),
+        ("read_only_parquet", "read-only pass, same cluster (floor)"),
+    ):
         v = f[kind]
         r = v.get("marginal_rows_per_s")
-        print(f"{label:44s} {_fmt_rate(r)} {(r / L if r else float('nan')):6.2f}   "
-              f"{v['median_small_s']:.2f} s / {v['median_large_s']:.2f} s")
+        print(
+            f"{label:44s} {_fmt_rate(r)} {(r / L if r else float('nan')):6.2f}   "
+            f"{v['median_small_s']:.2f} s / {v['median_large_s']:.2f} s"
+        )
     cs = f["cli_over_script"]["ratio"]
     print(f"CLI ÷ script (parquet_npy): {cs:.2f}x (target >= 2x)" if cs else "CLI ÷ script: n/a")
     o = f["parquet_overhead"]
     if o["overhead"] is not None:
-        print(f"parquet: CLI marginal {o['cli_marginal_s']:.2f} s vs read-only {o['read_marginal_s']:.2f} s: "
-              f"overhead {100 * o['overhead']:.0f}% (target <= 10%)")
+        print(
+            f"parquet: CLI marginal {o['cli_marginal_s']:.2f} s vs read-only {o['read_marginal_s']:.2f} s: "
+            f"overhead {100 * o['overhead']:.0f}% (target <= 10%)"
+        )
     m = f["memory"]
     if m["small"]["max_worker_peak_rss"]:
-        print(f"max worker peak RSS ({m['rows_per_partition']:,}-row partitions): "
-              f"SMALL {m['small']['max_worker_peak_rss'] / mb:,.0f} MB ({m['small']['partitions']} part), "
-              f"LARGE {m['large']['max_worker_peak_rss'] / mb:,.0f} MB ({m['large']['partitions']} parts); "
-              f"without shared pages {m['small']['max_worker_peak_rss_minus_shared'] / mb:,.0f} / "
-              f"{m['large']['max_worker_peak_rss_minus_shared'] / mb:,.0f} MB")
+        print(
+            f"max worker peak RSS ({m['rows_per_partition']:,}-row partitions): "
+            f"SMALL {m['small']['max_worker_peak_rss'] / mb:,.0f} MB ({m['small']['partitions']} part), "
+            f"LARGE {m['large']['max_worker_peak_rss'] / mb:,.0f} MB ({m['large']['partitions']} parts); "
+            f"without shared pages {m['small']['max_worker_peak_rss_minus_shared'] / mb:,.0f} / "
+            f"{m['large']['max_worker_peak_rss_minus_shared'] / mb:,.0f} MB"
+        )
     if "keep_embeddings" in f:
-        print(f"{'CLI on LARGE parquet_npy':30s} {'rows/s (process)':>16s} {'(compute)':>10s} "
-              f"{'wall':>8s} {'output':>10s}")
+        print(
+            f"{'CLI on LARGE parquet_npy':30s} {'rows/s (process)':>16s} {'(compute)':>10s} "
+            f"{'wall':>8s} {'output':>10s}"
+        )
         for label, v in f["keep_embeddings"].items():
-            name = {"default": "default", "binary": "--keep-embeddings",
-                    "list": "--keep-embeddings list"}[label]
+            name = {"default": "default", "binary": "--keep-embeddings", "list": "--keep-embeddings list"}[label]
             out = f"{v['output_bytes'] / mb:,.0f} MB" if v["output_bytes"] else "?"
             comp = f"{v['rows_per_s_compute']:10,.0f}" if v["rows_per_s_compute"] else f"{'n/a':>10s}"
             print(f"{name:30s} {v['rows_per_s_whole_process']:16,.0f} {comp} {v['median_wall_s']:7.2f}s {out:>10s}")
@@ -600,17 +754,26 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results", help="folder for bench_job.json (default: results/)")
-    p.add_argument("--work", default=None,
-                   help="folder for the generated data and outputs (default: a new temporary folder, removed "
-                        "at the end); data there of the same sizes is reused")
-    p.add_argument("--quick", action="store_true", help="small data, 1 round, no warm-up: a smoke test (about 2 minutes)")
+    p.add_argument(
+        "--work",
+        default=None,
+        help="folder for the generated data and outputs (default: a new temporary folder, removed "
+        "at the end); data there of the same sizes is reused",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small data, 1 round, no warm-up: a smoke test (about 2 minutes)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument("--rows-small", type=int, default=None, help="rows of SMALL (1 pair; default 50,000)")
     p.add_argument("--large-pairs", type=int, default=None, help="pairs in LARGE (default 4)")
     p.add_argument("--rows-per-pair", type=int, default=None, help="rows per LARGE pair (default 200,000)")
     p.add_argument("--row-group-rows", type=int, default=50_000, help="parquet row group rows (default 50,000)")
-    p.add_argument("--keep-repeats", type=int, default=None,
-                   help="rounds that also run --keep-embeddings binary/list on LARGE (default 1)")
+    p.add_argument(
+        "--keep-repeats",
+        type=int,
+        default=None,
+        help="rounds that also run --keep-embeddings binary/list on LARGE (default 1)",
+    )
     p.add_argument("--no-keep-embeddings", action="store_true", help="skip the --keep-embeddings runs")
     p.add_argument("--limit-repeats", type=int, default=5, help="sgemm repeats for L (best of >= 10)")
     args = p.parse_args(argv)
@@ -628,8 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "timestamp": time.time(),
-        "argv": sys.argv[1:] if argv is None else argv, "model": MODEL,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "timestamp": time.time(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "model": MODEL,
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "machine": machine_info(),
     }
@@ -644,8 +809,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder {work}")
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
-        print(f"note: load average {load:.1f} on {os.cpu_count()} CPUs at the start: other work is running, "
-              "the figures will be noisy")
+        print(
+            f"note: load average {load:.1f} on {os.cpu_count()} CPUs at the start: other work is running, "
+            "the figures will be noisy"
+        )
     try:
         run_all(args, work, result)
     finally:

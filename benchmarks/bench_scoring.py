@@ -3,7 +3,8 @@
 Writes ``<out>/bench_scoring.json`` (machine, versions, every figure; medians of repeated, interleaved
 runs) and prints a summary table.  Figures (L/14 head unless --model says otherwise):
 
-* ``limit``: L = measured peak sgemm FLOP/s (best of >= 5 runs) / head FLOPs per row (L/14: 426,496 FLOP = 213,248 MACs).
+* ``limit``: L = measured peak sgemm FLOP/s (best of >= 5 runs) / head FLOPs per row
+  (L/14: 426,496 FLOP = 213,248 MACs).
 * ``raw_head``: the head on a contiguous float32 tensor, at several batch sizes.
 * ``score_nsfw``: ``score_nsfw`` on an in-memory pandas partition (Arrow list<float32> column);
   ``of_limit_same_rounds`` divides by L computed from a 2048^3 sgemm timed in the same
@@ -37,8 +38,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -144,6 +146,7 @@ def bench_in_memory(args: argparse.Namespace, result: dict[str, Any]) -> None:
             with torch.inference_mode():
                 for i in range(0, n, bs):
                     head(xt[i : i + bs])
+
         return run
 
     df = arrow_frame(x)
@@ -168,22 +171,31 @@ def bench_in_memory(args: argparse.Namespace, result: dict[str, Any]) -> None:
     result["limit"]["rows_per_s_same_rounds"] = limit_rounds = sgemm_rounds / flops
     rows = {k: n / v for k, v in med.items()}
     result["rows"] = n
-    result["raw_head"] = {k: {"rows_per_s": rows[k], "of_limit": rows[k] / limit, "median_s": med[k]}
-                          for k in fns if k.startswith("raw_head")}
+    result["raw_head"] = {
+        k: {"rows_per_s": rows[k], "of_limit": rows[k] / limit, "median_s": med[k]}
+        for k in fns
+        if k.startswith("raw_head")
+    }
     best_raw = max(result["raw_head"].values(), key=lambda d: d["rows_per_s"])["rows_per_s"]
     result["score_nsfw"] = {
-        "rows_per_s": rows["score_nsfw"], "of_limit": rows["score_nsfw"] / limit,
+        "rows_per_s": rows["score_nsfw"],
+        "of_limit": rows["score_nsfw"] / limit,
         "of_limit_same_rounds": rows["score_nsfw"] / limit_rounds,
-        "vs_best_raw_head": rows["score_nsfw"] / best_raw, "median_s": med["score_nsfw"],
+        "vs_best_raw_head": rows["score_nsfw"] / best_raw,
+        "median_s": med["score_nsfw"],
         "batch_size": DEFAULT_BATCH_SIZE["cpu"],
     }
     result["score_nsfw_exact"] = {
-        "rows_per_s": rows["score_nsfw_exact"], "of_limit": rows["score_nsfw_exact"] / limit,
+        "rows_per_s": rows["score_nsfw_exact"],
+        "of_limit": rows["score_nsfw_exact"] / limit,
         "of_default_mode": rows["score_nsfw_exact"] / rows["score_nsfw"],
         "median_s": med["score_nsfw_exact"],
     }
-    result["peers"] = {k: {"rows_per_s": rows[k], "of_limit": rows[k] / limit, "median_s": med[k]}
-                       for k in fns if k.startswith("peer_")}
+    result["peers"] = {
+        k: {"rows_per_s": rows[k], "of_limit": rows[k] / limit, "median_s": med[k]}
+        for k in fns
+        if k.startswith("peer_")
+    }
 
 
 def write_dataset(path: Path, n: int, dim: int, rows_per_file: int) -> None:
@@ -219,15 +231,16 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
     from nsfw_dask.io import read_parquet_embeddings
 
     partitions = None
-    for workers, threads in ([(None, None)] if gpu else args.layouts):
+    for workers, threads in [(None, None)] if gpu else args.layouts:
         if gpu:
             from nsfw_dask.gpu import local_cuda_cluster
 
             cluster_cm: Any = local_cuda_cluster()
             backend = dask.config.set({"dataframe.backend": "cudf"})
         else:
-            cluster_cm = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                                      dashboard_address=None, silence_logs=40)
+            cluster_cm = LocalCluster(
+                n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None, silence_logs=40
+            )
             backend = contextlib.nullcontext()
         # one reader for both: cuDF partitions one per file (blocksize=None: dask_cudf would fuse
         # files into 1/32 of a GPU), pandas partitions with Arrow lists
@@ -238,33 +251,43 @@ def bench_dask(args: argparse.Namespace, result: dict[str, Any], workdir: Path, 
                 workers, threads = len(client.scheduler_info()["workers"]), 1
 
             def pipeline(score: bool) -> Callable[[], None]:
-                def run() -> None:
-                    ddf = read_parquet_embeddings(str(src), backend=read_backend)
+                def run() -> None:  # called within this iteration of the loop only
+                    ddf = read_parquet_embeddings(str(src), backend=read_backend)  # noqa: B023
                     if score:
                         ddf = ddf.map_partitions(score_nsfw, model=spec.name)
                     out = workdir / f"out-{uuid.uuid4().hex[:8]}"
                     ddf.to_parquet(str(out), write_index=False)
                     shutil.rmtree(out)
+
                 return run
 
             # what the runs really use, after dask's optimizer (which may fuse partitions)
             partitions = read_parquet_embeddings(str(src), backend=read_backend).optimize().npartitions
-            med = interleaved({"with_scoring": pipeline(True), "without_scoring": pipeline(False)},
-                              args.repeats_dask)
+            med = interleaved({"with_scoring": pipeline(True), "without_scoring": pipeline(False)}, args.repeats_dask)
         added = med["with_scoring"] - med["without_scoring"]
         layouts[("gpu " if gpu else "") + f"{workers}x{threads}"] = {
-            "workers": workers, "threads_per_worker": threads,
-            "with_scoring_s": med["with_scoring"], "without_scoring_s": med["without_scoring"],
+            "workers": workers,
+            "threads_per_worker": threads,
+            "with_scoring_s": med["with_scoring"],
+            "without_scoring_s": med["without_scoring"],
             "rows_per_s_end_to_end": n / med["with_scoring"],
-            "scoring_added_s": added, "ideal_added_s": n / limit,
+            "scoring_added_s": added,
+            "ideal_added_s": n / limit,
             "added_over_ideal": added / (n / limit),
         }
     key = "dask_gpu" if gpu else "dask"
-    result[key] = {"rows": n, "rows_per_file": args.rows_per_partition, "partitions": partitions,
-                   "rows_per_partition": n / partitions if partitions else None, "layouts": layouts}
+    result[key] = {
+        "rows": n,
+        "rows_per_file": args.rows_per_partition,
+        "partitions": partitions,
+        "rows_per_partition": n / partitions if partitions else None,
+        "layouts": layouts,
+    }
 
 
-def _device_bandwidth(dev: torch.device, repeats: int, timed: Callable[[Callable[[], Any]], Callable[[], None]]) -> float:
+def _device_bandwidth(
+    dev: torch.device, repeats: int, timed: Callable[[Callable[[], Any]], Callable[[], None]]
+) -> float:
     """Device memory bandwidth from a 256 MiB device-to-device copy (bytes read + written per s)."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
@@ -287,6 +310,7 @@ def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
         def run() -> None:
             fn()
             torch.cuda.synchronize()
+
         return run
 
     bandwidth = _device_bandwidth(dev, args.repeats, timed)
@@ -297,6 +321,7 @@ def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
             with torch.inference_mode():
                 for i in range(0, n, bs):
                     head(xt[i : i + bs])
+
         return timed(run)
 
     fns = {f"raw_head_bs{bs}": raw(bs) for bs in args.gpu_batch_sizes}
@@ -307,7 +332,8 @@ def bench_gpu(args: argparse.Namespace, result: dict[str, Any]) -> None:
     # before the LocalCUDACluster's workers want the same GPU
     from nsfw_dask.gpu import release_gpu_buffers
 
-    del fns, xt, gdf
+    fns.clear()
+    xt = gdf = None  # the closures above are done: free their device memory
     release_gpu_buffers()
     roofline = bandwidth / (spec.dim * 4)
     result["gpu"] = {
@@ -351,10 +377,16 @@ def probe(rows: int, model: str, import_s: float) -> dict[str, Any]:
     assert len(out) == rows
     target = emb_bytes * 1.1 + 100 * 2**20
     return {
-        "import_s": import_s, "load_s": load_s, "first_partition_1024_rows_s": t_first,
-        "embedding_bytes": emb_bytes, "rss_base_bytes": rss_base, "rss_with_data_bytes": rss_data,
-        "peak_rss_bytes": peak, "scoring_extra_bytes": peak - rss_data,
-        "worker_peak_over_base_bytes": peak - rss_base, "target_bytes": target,
+        "import_s": import_s,
+        "load_s": load_s,
+        "first_partition_1024_rows_s": t_first,
+        "embedding_bytes": emb_bytes,
+        "rss_base_bytes": rss_base,
+        "rss_with_data_bytes": rss_data,
+        "peak_rss_bytes": peak,
+        "scoring_extra_bytes": peak - rss_data,
+        "worker_peak_over_base_bytes": peak - rss_base,
+        "target_bytes": target,
         "meets_target": (peak - rss_base) <= target,
     }
 
@@ -378,8 +410,11 @@ def bench_probe(args: argparse.Namespace, result: dict[str, Any]) -> None:
         code = _PROBE.format(bench_dir=str(Path(__file__).resolve().parent), rows=args.rows, model=args.model)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    med = {k: statistics.median([r[k] for r in runs]) for k in runs[0] if isinstance(runs[0][k], (int, float))
-           and not isinstance(runs[0][k], bool)}
+    med = {
+        k: statistics.median([r[k] for r in runs])
+        for k in runs[0]
+        if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)
+    }
     med["meets_target"] = all(r["meets_target"] for r in runs)
     med["runs"] = len(runs)
     result["worker_probe"] = med
@@ -428,26 +463,35 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"{k:40s} {v['rows_per_s']:14,.0f} {v['of_limit']:7.2f}")
     if "score_nsfw" in result:
         v = result["score_nsfw"]
-        print(f"{'score_nsfw (in-memory partition)':40s} {v['rows_per_s']:14,.0f} {v['of_limit']:7.2f}"
-              f"   ({v['vs_best_raw_head']:.2f} × best raw head; "
-              f"{v['of_limit_same_rounds']:.2f} × L from the same rounds' sgemm median, "
-              f"{result['limit']['rows_per_s_same_rounds']:,.0f} rows/s)")
+        print(
+            f"{'score_nsfw (in-memory partition)':40s} {v['rows_per_s']:14,.0f} {v['of_limit']:7.2f}"
+            f"   ({v['vs_best_raw_head']:.2f} × best raw head; "
+            f"{v['of_limit_same_rounds']:.2f} × L from the same rounds' sgemm median, "
+            f"{result['limit']['rows_per_s_same_rounds']:,.0f} rows/s)"
+        )
         e = result["score_nsfw_exact"]
-        print(f"{'score_nsfw(exact=True)':40s} {e['rows_per_s']:14,.0f} {e['of_limit']:7.2f}"
-              f"   ({e['of_default_mode']:.2f} × default mode)")
-    for k, v in {**result.get("dask", {}).get("layouts", {}),
-                 **result.get("dask_gpu", {}).get("layouts", {})}.items():
-        print(f"{'dask parquet->score->parquet ' + k:40s} {v['rows_per_s_end_to_end']:14,.0f}"
-              f"          scoring adds {v['scoring_added_s']:.2f} s = {v['added_over_ideal']:.2f} × N/L")
+        print(
+            f"{'score_nsfw(exact=True)':40s} {e['rows_per_s']:14,.0f} {e['of_limit']:7.2f}"
+            f"   ({e['of_default_mode']:.2f} × default mode)"
+        )
+    for k, v in {**result.get("dask", {}).get("layouts", {}), **result.get("dask_gpu", {}).get("layouts", {})}.items():
+        print(
+            f"{'dask parquet->score->parquet ' + k:40s} {v['rows_per_s_end_to_end']:14,.0f}"
+            f"          scoring adds {v['scoring_added_s']:.2f} s = {v['added_over_ideal']:.2f} × N/L"
+        )
     if "worker_probe" in result:
         w = result["worker_probe"]
         mb = 2**20
-        print(f"fresh worker: import {w['import_s']:.2f} s, model load {w['load_s'] * 1000:.0f} ms, "
-              f"first 1,024-row partition (load + score) {w['first_partition_1024_rows_s'] * 1000:.0f} ms")
-        print(f"peak memory scoring {result['rows']:,} rows: {w['worker_peak_over_base_bytes'] / mb:,.0f} MB over "
-              f"the idle worker ({w['scoring_extra_bytes'] / mb:,.1f} MB beyond the data), for "
-              f"{w['embedding_bytes'] / mb:,.0f} MB of embeddings "
-              f"(target <= {w['target_bytes'] / mb:,.0f} MB: {'met' if w['meets_target'] else 'NOT met'})")
+        print(
+            f"fresh worker: import {w['import_s']:.2f} s, model load {w['load_s'] * 1000:.0f} ms, "
+            f"first 1,024-row partition (load + score) {w['first_partition_1024_rows_s'] * 1000:.0f} ms"
+        )
+        print(
+            f"peak memory scoring {result['rows']:,} rows: {w['worker_peak_over_base_bytes'] / mb:,.0f} MB over "
+            f"the idle worker ({w['scoring_extra_bytes'] / mb:,.1f} MB beyond the data), for "
+            f"{w['embedding_bytes'] / mb:,.0f} MB of embeddings "
+            f"(target <= {w['target_bytes'] / mb:,.0f} MB: {'met' if w['meets_target'] else 'NOT met'})"
+        )
     for k, v in result.get("gpu", {}).get("figures", {}).items():
         print(f"{'gpu ' + k:40s} {v['rows_per_s']:14,.0f}   {v['of_roofline']:.2f} of memory roofline")
 

@@ -87,7 +87,7 @@ class PandasBackend:
             d = dtypes[c]
             if _is_float_list_dtype(d):
                 return True
-            if d == object:
+            if d == object:  # noqa: E721 (a dtype equality: numpy's object dtype, not a type check)
                 return None if schema_only else _looks_like_vector(_first_valid(df[c]))
             return False
 
@@ -112,8 +112,9 @@ class PandasBackend:
                 segments.append(_chunk_segment(chunk, start, column, spec, df.index))
             start += len(chunk)
         if len(chunks) > 1:
-            logger.debug("column %r arrived in %d Arrow chunks: %d segments, no copy",
-                         column, len(chunks), len(segments))
+            logger.debug(
+                "column %r arrived in %d Arrow chunks: %d segments, no copy", column, len(chunks), len(segments)
+            )
         return segments
 
     def attach(self, df: pd.DataFrame, score_column: Any, scores: torch.Tensor | None) -> pd.DataFrame:
@@ -145,8 +146,7 @@ def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
         pos, desc = _first_non_vector(s)
         if pos is None:  # every element is a float vector, just of mixed dtypes
             arr = pa.array(
-                [None if _is_null(v)
-                 else np.asarray(v, dtype=np.float32) for v in s.array],
+                [None if _is_null(v) else np.asarray(v, dtype=np.float32) for v in s.array],
                 type=pa.list_(pa.float32()),
             )
         else:
@@ -162,8 +162,7 @@ def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
         pos, desc = _first_non_vector(s)
         where = f" (row {label_repr(s.index[pos])} holds {desc})" if pos is not None else ""
         raise EmbeddingFormatError(
-            f"Column {column!r} holds {arr.type} values{where}; expected one array of floats per "
-            f"row. {_CAST_FIX}"
+            f"Column {column!r} holds {arr.type} values{where}; expected one array of floats per row. {_CAST_FIX}"
         )
     return arr
 
@@ -185,8 +184,7 @@ def _first_non_vector(s: pd.Series) -> tuple[int | None, str]:
 
 def _strip_validity(values: pa.Array) -> pa.Array:
     """The same buffer without its validity bitmap (zero-copy)."""
-    return pa.Array.from_buffers(values.type, len(values), [None, values.buffers()[1]],
-                                 offset=values.offset)
+    return pa.Array.from_buffers(values.type, len(values), [None, values.buffers()[1]], offset=values.offset)
 
 
 def _bad_lengths(chunk: pa.Array, dim: int) -> tuple[int, int, int]:
@@ -223,8 +221,7 @@ def _check_lengths(chunks: list[pa.Array], column: Any, spec: ModelSpec, index: 
         raise length_error(column, index[first[0]], first[1], spec, total)
 
 
-def _chunk_segment(chunk: pa.Array, start: int, column: Any, spec: ModelSpec,
-                   index: pd.Index) -> Segment:
+def _chunk_segment(chunk: pa.Array, start: int, column: Any, spec: ModelSpec, index: pd.Index) -> Segment:
     n, dim, t = len(chunk), spec.dim, chunk.type
     if not _is_list_type(t):
         raise element_type_error(column, t, _CAST_FIX)
@@ -258,8 +255,7 @@ def _chunk_segment(chunk: pa.Array, start: int, column: Any, spec: ModelSpec,
 
     if valid is not None and not valid.any():  # every row null: nothing to read or score
         dtype = {16: torch.float16, 32: torch.float32, 64: torch.float64}[t.value_type.bit_width]
-        return Segment(start, start + n, torch.empty((0, dim), dtype=dtype),
-                       rows=torch.empty(0, dtype=torch.int64))
+        return Segment(start, start + n, torch.empty((0, dim), dtype=dtype), rows=torch.empty(0, dtype=torch.int64))
 
     # 2. the values of exactly this chunk, zero-copy (``.values`` ignores the slice offset)
     values = chunk.values.slice(base, end - base)

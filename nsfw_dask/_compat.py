@@ -81,9 +81,7 @@ def in_dask_meta_inference() -> bool:
     frame = inspect.currentframe()
     try:
         while frame is not None:
-            if frame.f_code.co_name in EMULATE_NAMES and str(
-                frame.f_globals.get("__name__", "")
-            ).startswith("dask."):
+            if frame.f_code.co_name in EMULATE_NAMES and str(frame.f_globals.get("__name__", "")).startswith("dask."):
                 return True
             frame = frame.f_back
         return False

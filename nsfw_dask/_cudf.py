@@ -94,7 +94,8 @@ class CudfBackend:
         dtypes = df.dtypes
         try:
             return choose_column(
-                df, column,
+                df,
+                column,
                 is_candidate=lambda c: _is_float_list_dtype(dtypes[c]),
                 describe=dtypes.items(),
             )
@@ -125,8 +126,7 @@ class CudfBackend:
         if bool(bad.any()):
             bad_values = bad.values
             pos = int(cp.argmax(bad_values))
-            raise length_error(column, s.index[pos], int(lengths.iloc[pos]), spec,
-                               int(bad_values.sum()))
+            raise length_error(column, s.index[pos], int(lengths.iloc[pos]), spec, int(bad_values.sum()))
         # 2. the leaves: a view of exactly these rows (null rows contribute none)
         n_valid = n - n_null
         leaves = s.list.leaves

@@ -43,8 +43,9 @@ _all_lock = threading.Lock()
 class Runner:
     """Buffers and pre-transposed weights for one model on one device, in one thread."""
 
-    def __init__(self, model: NSFWModel | ExactNSFWModel, device: torch.device, *,
-                 impute_eagerly: bool | None = None) -> None:
+    def __init__(
+        self, model: NSFWModel | ExactNSFWModel, device: torch.device, *, impute_eagerly: bool | None = None
+    ) -> None:
         # weak: the per-thread mapping is keyed by the model, and a strong reference from its
         # value would keep the model (and these buffers) alive after ``clear_model_cache``
         self._model = weakref.ref(model)
@@ -63,8 +64,10 @@ class Runner:
             self.mean = model.norm.mean.to(device)
             self.std = model.norm.variance.sqrt().to(device)
             self.layers = [
-                (getattr(model, f"linear_{i}").weight.t().contiguous().to(device),
-                 getattr(model, f"linear_{i}").bias.to(device))
+                (
+                    getattr(model, f"linear_{i}").weight.t().contiguous().to(device),
+                    getattr(model, f"linear_{i}").bias.to(device),
+                )
                 for i in range(1, model.n_linear + 1)
             ]
         self.dim = self.mean.shape[0]

@@ -23,8 +23,9 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
@@ -157,55 +158,106 @@ JSON_OBJECT = _JSONObject()
 
 def _options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Several click decorators as one; options keep the order they are listed in."""
+
     def apply(f: Any) -> Any:
         for d in reversed(decorators):
             f = d(f)
         return f
+
     return apply
 
 
 _common_options = _options(
-    click.option("--model", default="vit-l-14", type=click.Choice(MODEL_NAMES),
-                 help="LAION head: vit-l-14 (768-d CLIP ViT-L/14) or vit-b-32 (512-d); default vit-l-14"),
-    click.option("--model-dir", default=None, metavar="DIR",
-                 help="folder with the weights (default: $NSFW_DASK_MODEL_DIR, the user cache, a download)"),
+    click.option(
+        "--model",
+        default="vit-l-14",
+        type=click.Choice(MODEL_NAMES),
+        help="LAION head: vit-l-14 (768-d CLIP ViT-L/14) or vit-b-32 (512-d); default vit-l-14",
+    ),
+    click.option(
+        "--model-dir",
+        default=None,
+        metavar="DIR",
+        help="folder with the weights (default: $NSFW_DASK_MODEL_DIR, the user cache, a download)",
+    ),
     click.option("-v", "--verbose", is_flag=True, help="log more and show tracebacks"),
 )
 
 _cluster_options = _options(
-    click.option("--workers", type=POSITIVE_INT, default=None, metavar="N",
-                 help="worker processes of the embedded cluster"),
-    click.option("--threads-per-worker", type=POSITIVE_INT, default=None, metavar="N",
-                 help="threads per worker process"),
-    click.option("--scheduler", default=None, metavar="ADDRESS",
-                 help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster"),
-    click.option("--gpu", is_flag=True,
-                 help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read "
-                      "with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])"),
+    click.option(
+        "--workers", type=POSITIVE_INT, default=None, metavar="N", help="worker processes of the embedded cluster"
+    ),
+    click.option(
+        "--threads-per-worker", type=POSITIVE_INT, default=None, metavar="N", help="threads per worker process"
+    ),
+    click.option(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster",
+    ),
+    click.option(
+        "--gpu",
+        is_flag=True,
+        help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read "
+        "with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])",
+    ),
     click.option("--no-progress", is_flag=True, help="no progress bar"),
 )
 
 _score_options = _options(
-    click.option("--column", default=None, type=COLUMN_NAME, metavar="NAME",
-                 help="embedding column (parquet: default the only list-of-float column; parquet_npy: the "
-                      "name given to the .npy embeddings, default 'embedding')"),
-    click.option("--score-column", default="nsfw_score", type=COLUMN_NAME, metavar="NAME",
-                 help="name of the score column (default nsfw_score)"),
-    click.option("--threshold", type=PROBABILITY, default=None, metavar="T",
-                 help="also write is_nsfw = score >= T, <NA> where the score is NaN (and count rows over T)"),
-    click.option("--filter", default="none", type=click.Choice(["none", "keep-safe", "keep-nsfw"]),
-                 help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
-                      "(T = --threshold, default 0.5); rows with a NaN score are kept by neither"),
+    click.option(
+        "--column",
+        default=None,
+        type=COLUMN_NAME,
+        metavar="NAME",
+        help="embedding column (parquet: default the only list-of-float column; parquet_npy: the "
+        "name given to the .npy embeddings, default 'embedding')",
+    ),
+    click.option(
+        "--score-column",
+        default="nsfw_score",
+        type=COLUMN_NAME,
+        metavar="NAME",
+        help="name of the score column (default nsfw_score)",
+    ),
+    click.option(
+        "--threshold",
+        type=PROBABILITY,
+        default=None,
+        metavar="T",
+        help="also write is_nsfw = score >= T, <NA> where the score is NaN (and count rows over T)",
+    ),
+    click.option(
+        "--filter",
+        default="none",
+        type=click.Choice(["none", "keep-safe", "keep-nsfw"]),
+        help="drop rows: keep-safe keeps score < T, keep-nsfw keeps score >= T "
+        "(T = --threshold, default 0.5); rows with a NaN score are kept by neither",
+    ),
     click.option("--batch-size", type=POSITIVE_INT, default=None, metavar="N", help="rows per forward pass"),
-    click.option("--keep-embeddings", is_flag=False, flag_value="binary", default=None,
-                 type=click.Choice(["binary", "list"]),
-                 help="also write the embedding column: as each vector's raw bytes (fixed_size_binary, "
-                      "the default form, fast) or 'list' (the input's Arrow list type, slow to write)"),
-    click.option("--rows-per-partition", type=POSITIVE_INT, default=DEFAULT_ROWS_PER_PARTITION, metavar="N",
-                 help=f"rows per task and output part at most (default {DEFAULT_ROWS_PER_PARTITION:,})"),
-    click.option("--exact", is_flag=True,
-                 help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
-                      "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)"),
+    click.option(
+        "--keep-embeddings",
+        is_flag=False,
+        flag_value="binary",
+        default=None,
+        type=click.Choice(["binary", "list"]),
+        help="also write the embedding column: as each vector's raw bytes (fixed_size_binary, "
+        "the default form, fast) or 'list' (the input's Arrow list type, slow to write)",
+    ),
+    click.option(
+        "--rows-per-partition",
+        type=POSITIVE_INT,
+        default=DEFAULT_ROWS_PER_PARTITION,
+        metavar="N",
+        help=f"rows per task and output part at most (default {DEFAULT_ROWS_PER_PARTITION:,})",
+    ),
+    click.option(
+        "--exact",
+        is_flag=True,
+        help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
+        "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)",
+    ),
 )
 
 
@@ -219,24 +271,32 @@ def nsfw() -> None:
 
 
 @nsfw.command(
-    "score", context_settings=CONTEXT_SETTINGS,
+    "score",
+    context_settings=CONTEXT_SETTINGS,
     short_help="score a parquet dataset (or LAION parquet_npy folder) into parquet",
     help="Score INPUT and write OUTPUT: every input column except the embeddings, plus the score. "
-         "OUTPUT is finished when it has _SUCCESS.\n\n"
-         "INPUT: parquet file, folder or glob (local or any fsspec URL), or a parquet_npy folder "
-         "(img_emb/img_emb_N.npy + metadata/metadata_N.parquet).\n\n"
-         "OUTPUT: output folder, local or an fsspec URL (s3://, gs://, abfs://, file://): one parquet part "
-         "per input partition, _SUCCESS when finished.",
+    "OUTPUT is finished when it has _SUCCESS.\n\n"
+    "INPUT: parquet file, folder or glob (local or any fsspec URL), or a parquet_npy folder "
+    "(img_emb/img_emb_N.npy + metadata/metadata_N.parquet).\n\n"
+    "OUTPUT: output folder, local or an fsspec URL (s3://, gs://, abfs://, file://): one parquet part "
+    "per input partition, _SUCCESS when finished.",
 )
 @click.argument("input", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT")
 @_score_options
-@click.option("--resume", is_flag=True,
-              help="finish an interrupted run into OUTPUT: keep its committed parts, score the rest "
-                   "(not with --overwrite)")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="finish an interrupted run into OUTPUT: keep its committed parts, score the rest (not with --overwrite)",
+)
 @click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists (not with --resume)")
-@click.option("--storage-options", type=JSON_OBJECT, default=None, metavar="JSON",
-              help="fsspec options for INPUT and OUTPUT, e.g. '{\"profile\": \"laion\"}'")
+@click.option(
+    "--storage-options",
+    type=JSON_OBJECT,
+    default=None,
+    metavar="JSON",
+    help='fsspec options for INPUT and OUTPUT, e.g. \'{"profile": "laion"}\'',
+)
 @click.option("--json", is_flag=True, help="print the summary as one JSON object on stdout")
 @_cluster_options
 @_common_options
@@ -248,13 +308,17 @@ def score_command(ctx: click.Context, **opts: Any) -> None:
 
 
 @nsfw.command(
-    "fetch-weights", context_settings=CONTEXT_SETTINGS,
+    "fetch-weights",
+    context_settings=CONTEXT_SETTINGS,
     short_help="download and verify the weights, print where they are",
     help="Download LAION's weights (pinned URL + SHA-256) and print the path.",
 )
 @click.option("--url", default=None, help="a mirror URL (the pinned SHA-256 still applies)")
-@click.option("--exact", is_flag=True,
-              help="also fetch LAION's original SavedModel zip and extract its vocabularies (for --exact)")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="also fetch LAION's original SavedModel zip and extract its vocabularies (for --exact)",
+)
 @_common_options
 @click.pass_context
 def fetch_weights_command(ctx: click.Context, **opts: Any) -> None:
@@ -262,15 +326,20 @@ def fetch_weights_command(ctx: click.Context, **opts: Any) -> None:
 
 
 @nsfw.command(
-    "demo", context_settings=CONTEXT_SETTINGS,
+    "demo",
+    context_settings=CONTEXT_SETTINGS,
     short_help="generate a sample dataset, score it, print a summary, plot a histogram",
     help="The main job, end to end, on generated unit-norm embeddings.",
 )
 @click.option("--rows", type=POSITIVE_INT, default=300_000, metavar="N", help="rows to generate (default 300,000)")
-@click.option("--out", default=None, metavar="DIR",
-              help="folder for data, scores and the PNG (default: a temp folder)")
-@click.option("--file-rows", type=POSITIVE_INT, default=50_000, metavar="N",
-              help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 50,000)")
+@click.option("--out", default=None, metavar="DIR", help="folder for data, scores and the PNG (default: a temp folder)")
+@click.option(
+    "--file-rows",
+    type=POSITIVE_INT,
+    default=50_000,
+    metavar="N",
+    help="rows per generated img_emb_N.npy / metadata_N.parquet pair (default 50,000)",
+)
 @_score_options
 @_cluster_options
 @_common_options
@@ -306,6 +375,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     loop) may catch the KeyboardInterrupt, and a run that was interrupted must still not
     mark its output finished (``score_dataset`` checks the flag before writing ``_SUCCESS``).
     """
+
     def handler(signum: int, frame: Any) -> None:
         _interrupted.set()
         raise KeyboardInterrupt(f"signal {signum}")
@@ -348,9 +418,14 @@ class _Interrupted(KeyboardInterrupt):
 
 def _execute(command: Callable[[SimpleNamespace], int], args: SimpleNamespace) -> int:
     """Run a command with logging set up; every error becomes one line and an exit code."""
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:  # no tracebacks from the cluster's shutdown after an error or interrupt
+        # distributed configures its loggers (level INFO) when first imported: import it first,
+        # so the levels set here stay (``import nsfw_dask`` alone no longer imports it)
+        import distributed  # noqa: F401
+
         for name in ("distributed", "asyncio", "tornado"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
@@ -376,8 +451,7 @@ def _execute(command: Callable[[SimpleNamespace], int], args: SimpleNamespace) -
             return 1
         if args.verbose:
             traceback.print_exc()
-        print(f"nsfw-dask: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
-              file=sys.stderr)
+        print(f"nsfw-dask: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)", file=sys.stderr)
         return 1
 
 
@@ -396,15 +470,16 @@ def _print_summary(s: dict[str, Any]) -> None:
     reused = f" ({s['partitions_reused']:,} reused)" if s["partitions_reused"] else ""
     print(f"parts            {s['partitions']:,}{reused}")
     print(f"rows written     {s['rows_written']:,}  -> {s['output']}")
-    print(f"time             {s['seconds']:.1f} s in all, {s['compute_seconds']:.1f} s read+score+write "
-          f"({s['rows_per_s']:,.0f} rows/s scored)")
+    print(
+        f"time             {s['seconds']:.1f} s in all, {s['compute_seconds']:.1f} s read+score+write "
+        f"({s['rows_per_s']:,.0f} rows/s scored)"
+    )
     if s["nan_scores"]:
         print(f"NaN scores       {s['nan_scores']:,}  (null or non-finite embeddings)")
     q = s["quantiles"]
     if any(v is not None for v in q.values()):
         # each value is its bin's lower edge: the true quantile lies in [v, v + 0.0001)
-        print("score quantiles  " + "  ".join(
-            f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
+        print("score quantiles  " + "  ".join(f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
     else:
         print("score quantiles  (no scores: no rows with an embedding)")
     if s.get("threshold") is not None:
@@ -424,13 +499,27 @@ def _run_score(args: SimpleNamespace, input_path: str, output: str) -> dict[str,
         client = Client(args.scheduler)
     try:
         summary = score_dataset(
-            input_path, output, column=args.column, model=args.model, exact=args.exact,
-            threshold=args.threshold, filter=args.filter, keep_embeddings=args.keep_embeddings or False,
-            resume=getattr(args, "resume", False), overwrite=args.overwrite, client=client,
-            storage_options=getattr(args, "storage_options", None), score_column=args.score_column,
-            batch_size=args.batch_size, model_dir=args.model_dir, gpu=args.gpu, n_workers=args.workers,
-            threads_per_worker=args.threads_per_worker, rows_per_partition=args.rows_per_partition,
-            progress=not args.no_progress and sys.stderr.isatty(), interrupted=_interrupted,
+            input_path,
+            output,
+            column=args.column,
+            model=args.model,
+            exact=args.exact,
+            threshold=args.threshold,
+            filter=args.filter,
+            keep_embeddings=args.keep_embeddings or False,
+            resume=getattr(args, "resume", False),
+            overwrite=args.overwrite,
+            client=client,
+            storage_options=getattr(args, "storage_options", None),
+            score_column=args.score_column,
+            batch_size=args.batch_size,
+            model_dir=args.model_dir,
+            gpu=args.gpu,
+            n_workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            rows_per_partition=args.rows_per_partition,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            interrupted=_interrupted,
         )
     finally:
         if client is not None:
@@ -444,8 +533,9 @@ def cmd_score(args: SimpleNamespace) -> int:
     try:
         summary = _run_score(args, args.input, args.output)
     except KeyboardInterrupt:
-        raise _Interrupted(f"committed parts are kept in {args.output}; rerun the same command with --resume "
-                           "to finish it") from None
+        raise _Interrupted(
+            f"committed parts are kept in {args.output}; rerun the same command with --resume to finish it"
+        ) from None
     if args.json:
         summary.pop("histogram")
         print(json.dumps(summary))
@@ -474,8 +564,14 @@ def cmd_fetch_weights(args: SimpleNamespace) -> int:
             write_vocabulary_cache(read_savedmodel_vocabulary(zpath), keras, [zpath.parent])
             print(zpath)
         else:
-            zpath = resolve_file(keras.filename, keras.url, keras.sha256, None, download=True,
-                                 what=f"LAION's original {args.model} SavedModel")
+            zpath = resolve_file(
+                keras.filename,
+                keras.url,
+                keras.sha256,
+                None,
+                download=True,
+                what=f"LAION's original {args.model} SavedModel",
+            )
             load_vocabulary(args.model, download=True)  # extracted and cached in the user cache
             print(zpath)
     return 0
@@ -491,8 +587,10 @@ def cmd_demo(args: SimpleNamespace) -> int:
     except demo.DemoFolderError as e:
         raise CLIError(f"--out {e}; choose a new or empty folder.", 2) from None
     data = out / "laion"
-    print(f"generating {args.rows:,} unit-norm {spec.dim}-d float16 embeddings + metadata in {data}/ "
-          "(LAION parquet_npy layout)")
+    print(
+        f"generating {args.rows:,} unit-norm {spec.dim}-d float16 embeddings + metadata in {data}/ "
+        "(LAION parquet_npy layout)"
+    )
     demo.write_demo_data(data, args.rows, args.file_rows, spec.dim)
     args.overwrite = True
     if args.threshold is None:

@@ -55,9 +55,16 @@ def write_demo_data(folder: Path, rows: int, file_rows: int, dim: int) -> None:
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         np.save(folder / "img_emb" / f"img_emb_{i}.npy", x.astype(np.float16))
         keys = [f"{i:05d}{j:04d}" for j in range(n)]
-        pq.write_table(pa.table({"url": [f"https://example.org/images/{k}.jpg" for k in keys],
-                                 "caption": [f"generated sample {k}" for k in keys],
-                                 "key": keys}), folder / "metadata" / f"metadata_{i}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"https://example.org/images/{k}.jpg" for k in keys],
+                    "caption": [f"generated sample {k}" for k in keys],
+                    "key": keys,
+                }
+            ),
+            folder / "metadata" / f"metadata_{i}.parquet",
+        )
 
 
 def plot_histogram(hist: np.ndarray, path: Path, title: str) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal, InvalidOperation
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -210,4 +209,3 @@ class ExactNSFWModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoding(x))
-

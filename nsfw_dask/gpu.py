@@ -103,11 +103,15 @@ def cuda_cluster_options(**overrides: Any) -> dict[str, Any]:
         opts["rmm_async"] = True
     opts.update(overrides)
     if _given(opts, "rmm_async") and _given(opts, "rmm_managed_memory"):
-        raise ValueError("rmm_managed_memory=True cannot be combined with rmm_async=True (dask-cuda refuses "
-                         "it); pass one allocator mode: rmm_async, rmm_pool_size or rmm_managed_memory.")
+        raise ValueError(
+            "rmm_managed_memory=True cannot be combined with rmm_async=True (dask-cuda refuses "
+            "it); pass one allocator mode: rmm_async, rmm_pool_size or rmm_managed_memory."
+        )
     if opts.get("rmm_release_threshold") is not None and not _given(opts, "rmm_async"):
-        raise ValueError("rmm_release_threshold needs the async allocator (dask-cuda refuses it otherwise); "
-                         "drop it or pass rmm_async=True instead of rmm_pool_size/rmm_managed_memory.")
+        raise ValueError(
+            "rmm_release_threshold needs the async allocator (dask-cuda refuses it otherwise); "
+            "drop it or pass rmm_async=True instead of rmm_pool_size/rmm_managed_memory."
+        )
     return opts
 
 
@@ -118,8 +122,9 @@ def _visible_gpus() -> int:
         return 0
 
 
-def check_cuda_workers(n_workers: int | None, threads_per_worker: int | None = None, *,
-                       n_gpus: int | None = None) -> None:
+def check_cuda_workers(
+    n_workers: int | None, threads_per_worker: int | None = None, *, n_gpus: int | None = None
+) -> None:
     """Raise ValueError (one line) if a ``LocalCUDACluster`` cannot have these workers.
 
     ``LocalCUDACluster`` runs one worker per visible GPU (``CUDA_VISIBLE_DEVICES``); more
@@ -128,23 +133,29 @@ def check_cuda_workers(n_workers: int | None, threads_per_worker: int | None = N
     passed on, several threads then share their worker's GPU.  ``n_gpus`` defaults to the
     devices torch sees, which honours ``CUDA_VISIBLE_DEVICES`` as dask-cuda does.
     """
-    if threads_per_worker is not None and (isinstance(threads_per_worker, bool)
-                                           or not isinstance(threads_per_worker, int) or threads_per_worker < 1):
+    if threads_per_worker is not None and (
+        isinstance(threads_per_worker, bool) or not isinstance(threads_per_worker, int) or threads_per_worker < 1
+    ):
         raise ValueError(f"threads per worker must be a positive integer, not {threads_per_worker!r}.")
     if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1):
         raise ValueError(f"the number of GPU workers must be a positive integer, not {n_workers!r}.")
     gpus = _visible_gpus() if n_gpus is None else int(n_gpus)
     if gpus < 1:
-        raise ValueError("--gpu needs a CUDA device, and torch sees none here (check the driver, "
-                         "CUDA_VISIBLE_DEVICES and that torch is a CUDA build).")
+        raise ValueError(
+            "--gpu needs a CUDA device, and torch sees none here (check the driver, "
+            "CUDA_VISIBLE_DEVICES and that torch is a CUDA build)."
+        )
     if n_workers is not None and n_workers > gpus:
-        raise ValueError(f"{n_workers} GPU workers asked for but {gpus} GPU(s) are visible; a LocalCUDACluster "
-                         f"runs one worker per GPU: use --workers {gpus} or fewer (or leave it out), and "
-                         "--threads-per-worker for more threads per GPU.")
+        raise ValueError(
+            f"{n_workers} GPU workers asked for but {gpus} GPU(s) are visible; a LocalCUDACluster "
+            f"runs one worker per GPU: use --workers {gpus} or fewer (or leave it out), and "
+            "--threads-per-worker for more threads per GPU."
+        )
 
 
-def cuda_worker_options(n_workers: int | None, threads_per_worker: int | None = None, *,
-                        n_gpus: int | None = None) -> dict[str, Any]:
+def cuda_worker_options(
+    n_workers: int | None, threads_per_worker: int | None = None, *, n_gpus: int | None = None
+) -> dict[str, Any]:
     """:func:`check_cuda_workers`, then the keywords for :func:`local_cuda_cluster`.
 
     Only what was given is returned (``{"n_workers": 2, "threads_per_worker": 4}``): left out,

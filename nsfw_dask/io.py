@@ -80,8 +80,7 @@ def _numbered(fs: Any, folder: str, suffix: str, pattern: re.Pattern[str]) -> di
         n = int(m.group(1))
         if n in found:
             raise EmbeddingFormatError(
-                f"{show_path(fs, found[n])} and {show_path(fs, path)} have the same number {n}; "
-                "remove one of them."
+                f"{show_path(fs, found[n])} and {show_path(fs, path)} have the same number {n}; remove one of them."
             )
         found[n] = path
     return found
@@ -92,8 +91,11 @@ def _pairs(fs: Any, root: str) -> list[tuple[str, str]]:
     npys = _numbered(fs, f"{root}/img_emb", ".npy", _NPY)
     metas = _numbered(fs, f"{root}/metadata", ".parquet", _META)
     for n in sorted(npys.keys() ^ metas.keys()):
-        have, want = (npys[n], f"{root}/metadata/metadata_{n}.parquet") if n in npys else (
-            metas[n], f"{root}/img_emb/img_emb_{n}.npy")
+        have, want = (
+            (npys[n], f"{root}/metadata/metadata_{n}.parquet")
+            if n in npys
+            else (metas[n], f"{root}/img_emb/img_emb_{n}.npy")
+        )
         raise EmbeddingFormatError(
             f"{show_path(fs, have)} has no partner: expected {show_path(fs, want)} (each "
             f"img_emb/img_emb_N.npy needs metadata/metadata_N.parquet, and vice versa). "
@@ -332,8 +334,13 @@ def read_embeddings(
     if not is_local(fs):
         kwargs["fs"] = fs
     return dd.from_map(
-        _load_part, parts, meta=meta_df, divisions=divisions, label="read-embeddings",
-        enforce_metadata=False, **kwargs,
+        _load_part,
+        parts,
+        meta=meta_df,
+        divisions=divisions,
+        label="read-embeddings",
+        enforce_metadata=False,
+        **kwargs,
     )
 
 
@@ -351,9 +358,13 @@ def half_float_list_columns(schema: pa.Schema) -> list[str]:
     out = []
     for field in schema:
         t = field.type
-        if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-                or getattr(pa.types, "is_list_view", lambda _: False)(t)
-                or getattr(pa.types, "is_large_list_view", lambda _: False)(t)):
+        if (
+            pa.types.is_list(t)
+            or pa.types.is_large_list(t)
+            or pa.types.is_fixed_size_list(t)
+            or getattr(pa.types, "is_list_view", lambda _: False)(t)
+            or getattr(pa.types, "is_large_list_view", lambda _: False)(t)
+        ):
             if pa.types.is_float16(t.value_type):
                 out.append(field.name)
     return out
@@ -377,8 +388,11 @@ def parquet_schema(path: Any, storage_options: dict[str, Any] | None = None) -> 
             candidates = sorted(fs.find(root))
     else:
         candidates = [root]
-    files = [f for f in candidates
-             if f.endswith("/_metadata") or (f.endswith(_PARQUET_SUFFIXES) and not _basename(f).startswith(("_", ".")))]
+    files = [
+        f
+        for f in candidates
+        if f.endswith("/_metadata") or (f.endswith(_PARQUET_SUFFIXES) and not _basename(f).startswith(("_", ".")))
+    ]
     if not files:
         return None
     with fs.open(files[0], "rb") as f:
@@ -443,7 +457,9 @@ def read_parquet_embeddings(
     if use != backend:
         logging.getLogger(__name__).info(
             "columns %s hold float16 lists, which cuDF cannot read: reading with pyarrow (pandas "
-            "partitions; score them with device='cuda')", half_float_list_columns(schema))
+            "partitions; score them with device='cuda')",
+            half_float_list_columns(schema),
+        )
     with dask.config.set({"dataframe.backend": use}):
         return dd.read_parquet(path, storage_options=storage_options, **{**kw, **kwargs})
 

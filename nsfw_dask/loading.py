@@ -94,17 +94,24 @@ def load_model(
             m = m.to(device=dev, dtype=dtype).eval().requires_grad_(False)
             m.weights_info = info
             _models[key] = m
-            _loads.append({
-                "model": spec.name, "checksum": info.checksum, "device": str(dev),
-                "dtype": str(dtype).replace("torch.", ""), "path": str(info.path),
-                "pid": os.getpid(), "thread": threading.current_thread().name,
-                "seconds": round(time.perf_counter() - t0, 4),
-            })
+            _loads.append(
+                {
+                    "model": spec.name,
+                    "checksum": info.checksum,
+                    "device": str(dev),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "path": str(info.path),
+                    "pid": os.getpid(),
+                    "thread": threading.current_thread().name,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
+            )
         return m
 
 
-def _load_exact(spec: ModelSpec, dev: torch.device, dtype: torch.dtype,
-                model_dir: str | os.PathLike[str] | None) -> ExactNSFWModel:
+def _load_exact(
+    spec: ModelSpec, dev: torch.device, dtype: torch.dtype, model_dir: str | os.PathLike[str] | None
+) -> ExactNSFWModel:
     with _lock:
         head = load_model(spec, device=dev, dtype=dtype, model_dir=model_dir)
         assert isinstance(head, NSFWModel)  # exact=False: the head itself
@@ -117,12 +124,19 @@ def _load_exact(spec: ModelSpec, dev: torch.device, dtype: torch.dtype,
             m = ExactNSFWModel(head, CategoricalEncoding(vocab, spec.dim).to(dev)).eval()
             m.weights_info = head.weights_info
             _models[key] = m
-            _loads.append({
-                "model": spec.name, "checksum": key[1], "device": str(dev),
-                "dtype": str(dtype).replace("torch.", ""), "path": str(head.weights_info.path),
-                "pid": os.getpid(), "thread": threading.current_thread().name,
-                "seconds": round(time.perf_counter() - t0, 4), "exact": True,
-            })
+            _loads.append(
+                {
+                    "model": spec.name,
+                    "checksum": key[1],
+                    "device": str(dev),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "path": str(head.weights_info.path),
+                    "pid": os.getpid(),
+                    "thread": threading.current_thread().name,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                    "exact": True,
+                }
+            )
         return m
 
 

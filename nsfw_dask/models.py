@@ -115,8 +115,14 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 _ALIASES = {
-    "vit-l-14": "vit-l-14", "vit-l/14": "vit-l-14", "l14": "vit-l-14", "vit_l_14": "vit-l-14",
-    "vit-b-32": "vit-b-32", "vit-b/32": "vit-b-32", "b32": "vit-b-32", "vit_b_32": "vit-b-32",
+    "vit-l-14": "vit-l-14",
+    "vit-l/14": "vit-l-14",
+    "l14": "vit-l-14",
+    "vit_l_14": "vit-l-14",
+    "vit-b-32": "vit-b-32",
+    "vit-b/32": "vit-b-32",
+    "b32": "vit-b-32",
+    "vit_b_32": "vit-b-32",
 }
 
 

@@ -24,7 +24,7 @@ from .exceptions import (
     WeightsNotFoundError,
 )
 from .loading import load_model, resolve_device
-from .models import NSFWModel, Normalization, get_spec
+from .models import Normalization, NSFWModel, get_spec
 from .scoring import DEFAULT_BATCH_SIZE, score_tensor
 from .weights import fetch_file, fetch_weights, find_weights_in
 
@@ -95,8 +95,9 @@ class NSFWScorer:
         return [self.spec.model_id]
 
     @classmethod
-    def download_weights_on_node(cls, model_dir: str | os.PathLike[str], model: str = "vit-l-14",
-                                 exact: bool = False) -> Path:
+    def download_weights_on_node(
+        cls, model_dir: str | os.PathLike[str], model: str = "vit-l-14", exact: bool = False
+    ) -> Path:
         """Make sure ``model_dir`` holds verified weights, downloading LAION's file if needed.
 
         A verified copy already on this machine (``$NSFW_DASK_MODEL_DIR``, the user cache) is
@@ -126,8 +127,9 @@ class NSFWScorer:
 
     def setup(self) -> None:
         """Load the head (once per process; later scorers with the same weights share it)."""
-        self.nsfw_model = load_model(self.spec, device=self.device, dtype=self.dtype,
-                                     model_dir=self.model_dir, exact=self.exact)
+        self.nsfw_model = load_model(
+            self.spec, device=self.device, dtype=self.dtype, model_dir=self.model_dir, exact=self.exact
+        )
         self.weights_path = str(self.nsfw_model.weights_info.path)
 
     def __call__(self, embeddings: torch.Tensor | npt.NDArray[np.floating]) -> torch.Tensor:

@@ -35,9 +35,10 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -152,7 +153,7 @@ def normalize_path(path: str | os.PathLike[str]) -> str:
     """``~`` expanded, ``file://`` stripped, made absolute; URLs of other protocols unchanged."""
     p = os.fspath(path)
     if p.startswith("file://"):
-        p = p[len("file://"):]
+        p = p[len("file://") :]
     if _is_url(p):
         return p
     return os.path.abspath(os.path.expanduser(p))
@@ -195,12 +196,12 @@ class Part:
     """One input partition and the output part it becomes."""
 
     index: int
-    source: str            # the parquet file (parquet_npy: the metadata parquet), fs path
-    npy: str | None        # parquet_npy: the .npy file
-    start: int             # rows [start, stop) of that file
+    source: str  # the parquet file (parquet_npy: the metadata parquet), fs path
+    npy: str | None  # parquet_npy: the .npy file
+    start: int  # rows [start, stop) of that file
     stop: int
-    offset: int            # global row number of the file's row 0 (parquet_npy)
-    name: str              # output part file name
+    offset: int  # global row number of the file's row 0 (parquet_npy)
+    name: str  # output part file name
 
     @property
     def rows(self) -> int:
@@ -211,13 +212,13 @@ class Part:
 class Plan:
     """Everything a worker needs to score and write its part (pickled into each task)."""
 
-    kind: str                      # "parquet" or "parquet_npy"
+    kind: str  # "parquet" or "parquet_npy"
     in_fs: Any
     input: str
-    files: list[dict[str, Any]]    # [{"path", "size", "version"}], the job description's input
+    files: list[dict[str, Any]]  # [{"path", "size", "version"}], the job description's input
     parts: list[Part]
-    column: str                    # the embedding column (parquet_npy: the name it gets)
-    meta_columns: list[str]        # the other input columns, in order
+    column: str  # the embedding column (parquet_npy: the name it gets)
+    meta_columns: list[str]  # the other input columns, in order
     pandas_metadata: dict[str, Any] | None
     out_fs: Any = None
     out_root: str = ""
@@ -236,22 +237,25 @@ def _footer(fs: Any, path: str) -> pq.FileMetaData:
         with contextlib.suppress(Exception):
             size = fs.size(path)
         what = "is empty (0 bytes)" if size == 0 else "is not a readable parquet file"
-        raise JobError(f"INPUT file {show_path(fs, path)} {what} ({str(e).splitlines()[0]}); "
-                       "remove or replace it.") from e
+        raise JobError(
+            f"INPUT file {show_path(fs, path)} {what} ({str(e).splitlines()[0]}); remove or replace it."
+        ) from e
 
 
 def _list_parquet(fs: Any, root: str, given: str) -> list[str]:
     """The data files of a parquet folder: ``*.parquet`` (also .parq/.pq), hidden ones skipped."""
     files = []
     for path in sorted(fs.find(root)):
-        rel = path[len(root):].lstrip("/")
+        rel = path[len(root) :].lstrip("/")
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
         if path.endswith(_PARQUET_SUFFIXES):
             files.append(path)
     if not files:
-        raise JobError(f"INPUT folder {given} has no parquet files (*.parquet); check the path, or pass "
-                       "a LAION parquet_npy folder (img_emb/ + metadata/).")
+        raise JobError(
+            f"INPUT folder {given} has no parquet files (*.parquet); check the path, or pass "
+            "a LAION parquet_npy folder (img_emb/ + metadata/)."
+        )
     return files
 
 
@@ -290,37 +294,52 @@ def _split(n_rows: int, group_rows: list[int], rows_per_partition: int) -> list[
 def _check_embedding_type(t: pa.DataType, column: str, spec: Any, where: str) -> None:
     """The embedding column's Arrow type, checked before any worker starts."""
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise JobError(f"Column {column!r} in {where} is {t}, not a list of floats (CLIP embeddings); "
-                       "pass --column naming the embedding column.")
+        raise JobError(
+            f"Column {column!r} in {where} is {t}, not a list of floats (CLIP embeddings); "
+            "pass --column naming the embedding column."
+        )
     vt = t.value_type
     if not pa.types.is_floating(vt):
-        raise JobError(f"Column {column!r} in {where} holds lists of {vt}, not of float16/32/64; "
-                       "pass --column naming the CLIP embedding column.")
+        raise JobError(
+            f"Column {column!r} in {where} holds lists of {vt}, not of float16/32/64; "
+            "pass --column naming the CLIP embedding column."
+        )
     if pa.types.is_fixed_size_list(t) and t.list_size != spec.dim:
         from ._common import dim_hint
 
-        raise JobError(f"Column {column!r} in {where} holds {t.list_size}-d vectors; the {spec.name} head "
-                       f"expects {spec.dim}.{dim_hint(t.list_size, spec)}")
+        raise JobError(
+            f"Column {column!r} in {where} holds {t.list_size}-d vectors; the {spec.name} head "
+            f"expects {spec.dim}.{dim_hint(t.list_size, spec)}"
+        )
 
 
 def _choose_column(schema: pa.Schema, column: str | None, where: str) -> str:
     names = schema.names
     if column is not None:
         if column not in names:
-            raise JobError(f"Column {column!r} not found in {where}; it has columns {names}. "
-                           "Pass --column naming the CLIP embedding column.")
+            raise JobError(
+                f"Column {column!r} not found in {where}; it has columns {names}. "
+                "Pass --column naming the CLIP embedding column."
+            )
         return column
-    floats = [f.name for f in schema if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
-                                         or pa.types.is_fixed_size_list(f.type))
-              and pa.types.is_floating(f.type.value_type)]
+    floats = [
+        f.name
+        for f in schema
+        if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))
+        and pa.types.is_floating(f.type.value_type)
+    ]
     if len(floats) == 1:
         return floats[0]
     if floats:
-        raise JobError(f"Several columns of {where} hold lists of floats: {floats}; pass --column to "
-                       "choose the CLIP embedding column.")
+        raise JobError(
+            f"Several columns of {where} hold lists of floats: {floats}; pass --column to "
+            "choose the CLIP embedding column."
+        )
     desc = ", ".join(f"{f.name!r}: {f.type}" for f in schema)
-    raise JobError(f"No column of float lists (CLIP embeddings) in {where}; columns are {{{desc}}}. "
-                   "Pass --column naming the embedding column.")
+    raise JobError(
+        f"No column of float lists (CLIP embeddings) in {where}; columns are {{{desc}}}. "
+        "Pass --column naming the embedding column."
+    )
 
 
 def _map_threads(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
@@ -361,13 +380,17 @@ def plan_input(
         files = []
     elif fs.isfile(root):
         if root.endswith(".npy"):
-            raise JobError(f"INPUT {given} is a .npy file; pass the parquet_npy folder that holds "
-                           "img_emb/ and metadata/ (the metadata rows come from there).", 2)
+            raise JobError(
+                f"INPUT {given} is a .npy file; pass the parquet_npy folder that holds "
+                "img_emb/ and metadata/ (the metadata rows come from there).",
+                2,
+            )
         files = [root]
         kind = "parquet"
     else:
-        raise JobError(f"INPUT {given} not found (a parquet file, folder, glob or URL, or a "
-                       "parquet_npy folder); check the path.")
+        raise JobError(
+            f"INPUT {given} not found (a parquet file, folder, glob or URL, or a parquet_npy folder); check the path."
+        )
 
     parts: list[Part] = []
     if kind == "parquet_npy":
@@ -383,11 +406,17 @@ def plan_input(
         schema0 = footers[0].schema.to_arrow_schema()
         names0 = [n for n in schema0.names if not _io._PANDAS_INDEX.fullmatch(n)]
         if emb in names0:
-            raise JobError(f"{show_path(fs, pairs[0][1])} already has a column {emb!r}; pass --column with "
-                           "another name for the embeddings of img_emb/ (e.g. --column clip_embedding).", 2)
+            raise JobError(
+                f"{show_path(fs, pairs[0][1])} already has a column {emb!r}; pass --column with "
+                "another name for the embeddings of img_emb/ (e.g. --column clip_embedding).",
+                2,
+            )
         if ROW_NUMBER_COLUMN in names0:
-            raise JobError(f"{show_path(fs, pairs[0][1])} already has a column {ROW_NUMBER_COLUMN!r}, which the "
-                           "output uses for the global row number; rename that column in the metadata.", 2)
+            raise JobError(
+                f"{show_path(fs, pairs[0][1])} already has a column {ROW_NUMBER_COLUMN!r}, which the "
+                "output uses for the global row number; rename that column in the metadata.",
+                2,
+            )
         offset = 0
         width0 = None
         for (npy, meta), (shape, dtype, _fortran, data_offset), md in zip(pairs, headers, footers):
@@ -397,23 +426,33 @@ def plan_input(
             if shape[1] != spec.dim:
                 from ._common import dim_hint
 
-                raise JobError(f"{where} holds {shape[1]}-d embeddings; the {spec.name} head expects "
-                               f"{spec.dim}.{dim_hint(shape[1], spec)}")
+                raise JobError(
+                    f"{where} holds {shape[1]}-d embeddings; the {spec.name} head expects "
+                    f"{spec.dim}.{dim_hint(shape[1], spec)}"
+                )
             if width0 is not None and (dtype, shape[1]) != width0:
-                raise JobError(f"{where} holds {dtype} rows but {show_path(fs, pairs[0][0])} holds "
-                               f"{width0[0]}; all .npy files must agree.")
+                raise JobError(
+                    f"{where} holds {dtype} rows but {show_path(fs, pairs[0][0])} holds "
+                    f"{width0[0]}; all .npy files must agree."
+                )
             width0 = (dtype, shape[1])
             size = fs.size(npy)
             if size is not None and size < data_offset + int(np.prod(shape)) * dtype.itemsize:
-                raise JobError(f"{where} is truncated: its header says {shape} {dtype} but the file has "
-                               f"only {size} bytes; regenerate it.")
+                raise JobError(
+                    f"{where} is truncated: its header says {shape} {dtype} but the file has "
+                    f"only {size} bytes; regenerate it."
+                )
             if md.num_rows != shape[0]:
-                raise JobError(f"{where} has {shape[0]} rows but {show_path(fs, meta)} has {md.num_rows}: the "
-                               "pair must describe the same images in the same order.")
+                raise JobError(
+                    f"{where} has {shape[0]} rows but {show_path(fs, meta)} has {md.num_rows}: the "
+                    "pair must describe the same images in the same order."
+                )
             names = [n for n in md.schema.to_arrow_schema().names if not _io._PANDAS_INDEX.fullmatch(n)]
             if names != names0:
-                raise JobError(f"{show_path(fs, meta)} has columns {names} but {show_path(fs, pairs[0][1])} has "
-                               f"{names0}; all metadata files must have the same columns.")
+                raise JobError(
+                    f"{show_path(fs, meta)} has columns {names} but {show_path(fs, pairs[0][1])} has "
+                    f"{names0}; all metadata files must have the same columns."
+                )
             groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
             for a, b in _split(shape[0], groups, rows_per_partition):
                 parts.append(Part(len(parts), meta, npy, a, b, offset, ""))
@@ -427,16 +466,21 @@ def plan_input(
             files = _list_parquet(fs, root, given)
         bad_npy = [f for f in files if f.endswith(".npy")]
         if bad_npy:
-            raise JobError(f"INPUT {given} names .npy files ({show_path(fs, bad_npy[0])}); pass the parquet_npy "
-                           "folder that holds img_emb/ and metadata/.", 2)
+            raise JobError(
+                f"INPUT {given} names .npy files ({show_path(fs, bad_npy[0])}); pass the parquet_npy "
+                "folder that holds img_emb/ and metadata/.",
+                2,
+            )
         footers = _map_threads(lambda f: _footer(fs, f), files)
         schema0 = footers[0].schema.to_arrow_schema()
         where0 = show_path(fs, files[0])
         for f, md in zip(files[1:], footers[1:]):
             s = md.schema.to_arrow_schema()
             if not s.remove_metadata().equals(schema0.remove_metadata()):
-                raise JobError(f"{show_path(fs, f)} has schema {_schema_line(s)} but {where0} has "
-                               f"{_schema_line(schema0)}; all INPUT files must have the same columns and types.")
+                raise JobError(
+                    f"{show_path(fs, f)} has schema {_schema_line(s)} but {where0} has "
+                    f"{_schema_line(schema0)}; all INPUT files must have the same columns and types."
+                )
         column_name = _choose_column(schema0, column, where0)
         _check_embedding_type(schema0.field(column_name).type, column_name, spec, where0)
         for f, md in zip(files, footers):
@@ -450,12 +494,30 @@ def plan_input(
         src = file_list[-1] if kind == "parquet" else pairs[0][1]
         parts = [Part(0, src, None if kind == "parquet" else pairs[0][0], 0, 0, 0, "")]
     width = max(6, len(str(len(parts) - 1)))
-    parts = [Part(p.index, p.source, p.npy, p.start, p.stop, p.offset,
-                  f"part.{p.index:0{width}d}.{_source_stem(p.source)}.parquet") for p in parts]
+    parts = [
+        Part(
+            p.index,
+            p.source,
+            p.npy,
+            p.start,
+            p.stop,
+            p.offset,
+            f"part.{p.index:0{width}d}.{_source_stem(p.source)}.parquet",
+        )
+        for p in parts
+    ]
     infos = _map_threads(fs.info, file_list)
     stamps = [{"path": show_path(fs, f), **_stamp(i)} for f, i in zip(file_list, infos)]
-    return Plan(kind=kind, in_fs=fs, input=path, files=stamps, parts=parts, column=column_name,
-                meta_columns=meta_columns, pandas_metadata=pandas_md)
+    return Plan(
+        kind=kind,
+        in_fs=fs,
+        input=path,
+        files=stamps,
+        parts=parts,
+        column=column_name,
+        meta_columns=meta_columns,
+        pandas_metadata=pandas_md,
+    )
 
 
 def _schema_line(s: pa.Schema) -> str:
@@ -507,17 +569,23 @@ def _score(plan: Plan, part: Part, emb: pa.Array, opts: _Options) -> np.ndarray:
 
     from .scoring import score_nsfw
 
-    frame = pd.DataFrame({plan.column: pd.arrays.ArrowExtensionArray(emb)},
-                         index=pd.RangeIndex(part.start, part.stop))
+    frame = pd.DataFrame({plan.column: pd.arrays.ArrowExtensionArray(emb)}, index=pd.RangeIndex(part.start, part.stop))
     try:
-        out = score_nsfw(frame, column=plan.column, model=opts.model, exact=opts.exact,
-                         batch_size=opts.batch_size, device=opts.device, model_dir=opts.model_dir,
-                         score_column="__nsfw_score__")
+        out = score_nsfw(
+            frame,
+            column=plan.column,
+            model=opts.model,
+            exact=opts.exact,
+            batch_size=opts.batch_size,
+            device=opts.device,
+            model_dir=opts.model_dir,
+            score_column="__nsfw_score__",
+        )
     except EmbeddingFormatError as e:
         shown = show_path(plan.in_fs, part.npy or part.source)
         raise EmbeddingFormatError(
-            f"{shown}, rows {part.start}-{part.stop - 1} of that file (row numbers count from 0 within "
-            f"the file): {e}") from None
+            f"{shown}, rows {part.start}-{part.stop - 1} of that file (row numbers count from 0 within the file): {e}"
+        ) from None
     return np.asarray(out["__nsfw_score__"].to_numpy(), dtype=np.float32)
 
 
@@ -533,8 +601,7 @@ def _embedding_as_binary(emb: pa.Array) -> pa.Array:
         values = emb.values.slice(emb.offset * dim, n * dim)
         buf = values.buffers()[1]
         start = values.offset * item
-        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * item), n,
-                                                    [None, buf.slice(start, n * dim * item)])
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * item), n, [None, buf.slice(start, n * dim * item)])
     if pa.types.is_fixed_size_list(emb.type):
         dim = emb.type.list_size
     else:
@@ -548,8 +615,9 @@ def _embedding_as_binary(emb: pa.Array) -> pa.Array:
             values = values.fill_null(float("nan"))
         flat[valid] = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
     mask = None if valid.all() else pa.array(valid).buffers()[1]
-    arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * item), n, [mask, pa.py_buffer(flat)],
-                                               null_count=int(n - valid.sum()))
+    arr = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(dim * item), n, [mask, pa.py_buffer(flat)], null_count=int(n - valid.sum())
+    )
     return arr
 
 
@@ -559,17 +627,23 @@ def pc_list_lengths(emb: pa.Array) -> np.ndarray:
     return np.asarray(pc.list_value_length(emb).fill_null(-1), dtype=np.int64)
 
 
-def _output_table(plan: Plan, part: Part, table: pa.Table, emb: pa.Array, scores: np.ndarray,
-                  opts: _Options, stats: dict[str, Any]) -> pa.Table:
+def _output_table(
+    plan: Plan, part: Part, table: pa.Table, emb: pa.Array, scores: np.ndarray, opts: _Options, stats: dict[str, Any]
+) -> pa.Table:
     out = table
     if opts.keep_embeddings == "list":
         out = out.append_column(plan.column, emb)
     elif opts.keep_embeddings:
         vt = emb.type.value_type
-        f = pa.field(plan.column, pa.binary(1),
-                     metadata={b"nsfw_dask.embedding": json.dumps(
-                         {"dtype": str(np.dtype(vt.to_pandas_dtype())), "byteorder": "little",
-                          "arrow_type": str(emb.type)}).encode()})
+        f = pa.field(
+            plan.column,
+            pa.binary(1),
+            metadata={
+                b"nsfw_dask.embedding": json.dumps(
+                    {"dtype": str(np.dtype(vt.to_pandas_dtype())), "byteorder": "little", "arrow_type": str(emb.type)}
+                ).encode()
+            },
+        )
         b = _embedding_as_binary(emb)
         out = out.append_column(f.with_type(b.type), b)
     nan = np.isnan(scores)
@@ -586,16 +660,25 @@ def _output_table(plan: Plan, part: Part, table: pa.Table, emb: pa.Array, scores
     return out
 
 
-def _schema_metadata(plan: Plan, opts: _Options, part: Part, stats: dict[str, Any],
-                     rows_written: int) -> dict[bytes, bytes]:
+def _schema_metadata(
+    plan: Plan, opts: _Options, part: Part, stats: dict[str, Any], rows_written: int
+) -> dict[bytes, bytes]:
     md: dict[bytes, bytes] = {}
     pandas_md = _output_pandas_metadata(plan, opts)
     if pandas_md is not None:
         md[b"pandas"] = json.dumps(pandas_md).encode()
-    info = {"job": plan.job_id, "part": part.index, "source": show_path(plan.in_fs, part.npy or part.source),
-            "rows": [part.start, part.stop], "input_rows": part.rows, "rows_written": rows_written,
-            "nan_scores": stats["nan_scores"], "over_threshold": stats["over_threshold"],
-            "histogram": _encode_hist(stats["histogram"]), "version": __version__}
+    info = {
+        "job": plan.job_id,
+        "part": part.index,
+        "source": show_path(plan.in_fs, part.npy or part.source),
+        "rows": [part.start, part.stop],
+        "input_rows": part.rows,
+        "rows_written": rows_written,
+        "nan_scores": stats["nan_scores"],
+        "over_threshold": stats["over_threshold"],
+        "histogram": _encode_hist(stats["histogram"]),
+        "version": __version__,
+    }
     md[_PART_KEY] = json.dumps(info).encode()
     return md
 
@@ -612,10 +695,17 @@ def _output_pandas_metadata(plan: Plan, opts: _Options) -> dict[str, Any] | None
     default, since a part is a slice) with entries for the columns we add, so that plain
     ``pd.read_parquet`` gives float32 scores and a nullable boolean ``is_nsfw``."""
     base = plan.pandas_metadata if plan.kind == "parquet" else None
-    md: dict[str, Any] = dict(base) if base else {
-        "index_columns": [], "column_indexes": [], "columns": [], "creator": {"library": "nsfw_dask",
-                                                                              "version": __version__},
-        "pandas_version": _pandas_version()}
+    md: dict[str, Any] = (
+        dict(base)
+        if base
+        else {
+            "index_columns": [],
+            "column_indexes": [],
+            "columns": [],
+            "creator": {"library": "nsfw_dask", "version": __version__},
+            "pandas_version": _pandas_version(),
+        }
+    )
     index_cols = [c for c in md.get("index_columns", []) if isinstance(c, str)]
     md["index_columns"] = index_cols
     columns = [c for c in md.get("columns", []) if c.get("field_name") != plan.column]
@@ -699,8 +789,13 @@ def _read_part_info(fs: Any, path: str) -> tuple[int, dict[str, Any] | None]:
 
 
 def _part_ok(plan: Plan, part: Part, rows: int, info: dict[str, Any] | None) -> bool:
-    return (info is not None and info.get("job") == plan.job_id and info.get("part") == part.index
-            and info.get("rows") == [part.start, part.stop] and info.get("rows_written") == rows)
+    return (
+        info is not None
+        and info.get("job") == plan.job_id
+        and info.get("part") == part.index
+        and info.get("rows") == [part.start, part.stop]
+        and info.get("rows_written") == rows
+    )
 
 
 def run_part(plan: Plan, part: Part, opts: _Options) -> dict[str, Any]:
@@ -711,16 +806,20 @@ def run_part(plan: Plan, part: Part, opts: _Options) -> dict[str, Any]:
     table, emb = _load(plan, part)
     scores = _score(plan, part, emb, opts) if part.rows else np.zeros(0, np.float32)
     nan = np.isnan(scores)
-    stats = {"nan_scores": int(nan.sum()),
-             "over_threshold": int((scores >= opts.threshold).sum()) if opts.threshold is not None else 0,
-             "histogram": histogram(scores)}
+    stats = {
+        "nan_scores": int(nan.sum()),
+        "over_threshold": int((scores >= opts.threshold).sum()) if opts.threshold is not None else 0,
+        "histogram": histogram(scores),
+    }
     out = _output_table(plan, part, table, emb, scores, opts, stats)
     del table, emb
     _write_committed(plan.out_fs, plan.out_root, part.name, out)
     rows, info = _read_part_info(plan.out_fs, f"{plan.out_root}/{part.name}")
     if rows != out.num_rows or not _part_ok(plan, part, rows, info):
-        raise JobError(f"{show_path(plan.out_fs, plan.out_root + '/' + part.name)} was written with "
-                       f"{out.num_rows} rows but reads back as {rows}; the storage lost data. Rerun with --resume.")
+        raise JobError(
+            f"{show_path(plan.out_fs, plan.out_root + '/' + part.name)} was written with "
+            f"{out.num_rows} rows but reads back as {rows}; the storage lost data. Rerun with --resume."
+        )
     return {"part": part.index, "rows": part.rows, "rows_written": rows, "reused": False, **stats}
 
 
@@ -732,22 +831,41 @@ def _job_description(plan: Plan, opts: _Options, rows_per_partition: int) -> dic
         "input": show_path(plan.in_fs, plan.input) if not is_local(plan.in_fs) else plan.input,
         "input_kind": plan.kind,
         "input_files": plan.files,
-        "options": {"model": opts.model, "exact": opts.exact, "column": plan.column,
-                    "score_column": opts.score_column, "threshold": opts.threshold,
-                    "filter": opts.filter, "keep_embeddings": opts.keep_embeddings,
-                    "rows_per_partition": rows_per_partition,
-                    # CUDA kernels may differ from CPU ones in the last bits: parts are not mixed
-                    "device": "cuda" if opts.device == "cuda" else "cpu"},
+        "options": {
+            "model": opts.model,
+            "exact": opts.exact,
+            "column": plan.column,
+            "score_column": opts.score_column,
+            "threshold": opts.threshold,
+            "filter": opts.filter,
+            "keep_embeddings": opts.keep_embeddings,
+            "rows_per_partition": rows_per_partition,
+            # CUDA kernels may differ from CPU ones in the last bits: parts are not mixed
+            "device": "cuda" if opts.device == "cuda" else "cpu",
+        },
         "version": __version__,
     }
     job_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return {"format": _JOB_FORMAT, "job_id": job_id, **content,
-            "partitions": len(plan.parts), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "format": _JOB_FORMAT,
+        "job_id": job_id,
+        **content,
+        "partitions": len(plan.parts),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
-_OPTION_FLAGS = {"model": "--model", "exact": "--exact", "column": "--column", "score_column": "--score-column",
-                 "threshold": "--threshold", "filter": "--filter", "keep_embeddings": "--keep-embeddings",
-                 "rows_per_partition": "--rows-per-partition", "device": "--gpu"}
+_OPTION_FLAGS = {
+    "model": "--model",
+    "exact": "--exact",
+    "column": "--column",
+    "score_column": "--score-column",
+    "threshold": "--threshold",
+    "filter": "--filter",
+    "keep_embeddings": "--keep-embeddings",
+    "rows_per_partition": "--rows-per-partition",
+    "device": "--gpu",
+}
 
 
 def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -773,9 +891,11 @@ def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changed = [p for p in sorted(of.keys() & nf.keys()) if of[p] != nf[p]]
     if changed:
         p = changed[0]
-        diffs.append(f"{len(changed)} input file(s) changed since, e.g. {p} "
-                     f"(size/version {of[p].get('size')}/{of[p].get('version')} -> "
-                     f"{nf[p].get('size')}/{nf[p].get('version')})")
+        diffs.append(
+            f"{len(changed)} input file(s) changed since, e.g. {p} "
+            f"(size/version {of[p].get('size')}/{of[p].get('version')} -> "
+            f"{nf[p].get('size')}/{nf[p].get('version')})"
+        )
     return diffs
 
 
@@ -822,13 +942,17 @@ def _check_overlap(plan: Plan, out_fs: Any, out_root: str, output_given: str) ->
         roots.append(resolve(_fs_path(in_fs, plan.input)))
     for r in roots:
         if _inside(r, out) or _inside(out, r):
-            raise JobError(f"OUTPUT {output_given} overlaps INPUT {plan.input} (both reach {r}); write "
-                           "to a folder outside INPUT. nsfw-dask never writes into or over its input.", 2)
+            raise JobError(
+                f"OUTPUT {output_given} overlaps INPUT {plan.input} (both reach {r}); write "
+                "to a folder outside INPUT. nsfw-dask never writes into or over its input.",
+                2,
+            )
     if is_local(out_fs):
         cwd = _real(os.getcwd())
         if _inside(cwd, out):
-            raise JobError(f"OUTPUT {output_given} is the current folder or one of its parents; choose a "
-                           "new folder.", 2)
+            raise JobError(
+                f"OUTPUT {output_given} is the current folder or one of its parents; choose a new folder.", 2
+            )
 
 
 def _fs_path(fs: Any, shown: str) -> str:
@@ -865,13 +989,18 @@ def _probe_shared_folder(client: Any, fs: Any, root: str, plan: Plan, given: str
     bad_out = [w for w, r in result.items() if not r[0]]
     bad_in = [(w, r[1]) for w, r in result.items() if r[1]]
     if bad_out:
-        raise JobError(f"OUTPUT {given} is a local path that {len(bad_out)} worker(s) (e.g. {bad_out[0]}) do "
-                       "not see as the same folder; use a folder shared by every node (NFS) or an object-"
-                       "store URL (s3://, gs://, abfs://).", 2)
+        raise JobError(
+            f"OUTPUT {given} is a local path that {len(bad_out)} worker(s) (e.g. {bad_out[0]}) do "
+            "not see as the same folder; use a folder shared by every node (NFS) or an object-"
+            "store URL (s3://, gs://, abfs://).",
+            2,
+        )
     if bad_in:
         w, f = bad_in[0]
-        raise JobError(f"INPUT file {f} is not the same file on worker {w}; use a path every node shares "
-                       "or an object-store URL.", 2)
+        raise JobError(
+            f"INPUT file {f} is not the same file on worker {w}; use a path every node shares or an object-store URL.",
+            2,
+        )
 
 
 def _probe_on_worker(probe: str | None, token: str, checks: list[tuple[str, int]]) -> tuple[bool, str | None]:
@@ -900,8 +1029,9 @@ def _probe_on_worker(probe: str | None, token: str, checks: list[tuple[str, int]
 THREADS_PER_WORKER = 4
 
 
-def default_cluster_shape(n_workers: int | None = None, threads_per_worker: int | None = None,
-                          n_cpu: int | None = None) -> tuple[int, int]:
+def default_cluster_shape(
+    n_workers: int | None = None, threads_per_worker: int | None = None, n_cpu: int | None = None
+) -> tuple[int, int]:
     """``(workers, threads_per_worker)`` of the CPU cluster ``score_dataset`` starts.
 
     What is given wins; the rest fills the machine's cores with workers of at most 4 threads
@@ -934,8 +1064,9 @@ def _gpu_cluster_options(n_workers: int | None, threads_per_worker: int | None) 
 
 
 @contextlib.contextmanager
-def _cluster(client: Any, n_workers: int | None, threads_per_worker: int | None, gpu: bool,
-             quiet: bool) -> Iterator[tuple[Any, bool]]:
+def _cluster(
+    client: Any, n_workers: int | None, threads_per_worker: int | None, gpu: bool, quiet: bool
+) -> Iterator[tuple[Any, bool]]:
     """``(client, embedded)``: the given client, the current one, or a cluster started for the job."""
     if client is not None:
         yield client, False
@@ -950,9 +1081,13 @@ def _cluster(client: Any, n_workers: int | None, threads_per_worker: int | None,
         from distributed import LocalCluster
 
         workers, threads = default_cluster_shape(n_workers, threads_per_worker)
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                               dashboard_address=":0",  # a free port: no clash, no warning
-                               silence_logs=logging.CRITICAL if quiet else logging.WARNING)
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            dashboard_address=":0",  # a free port: no clash, no warning
+            silence_logs=logging.CRITICAL if quiet else logging.WARNING,
+        )
     with cluster, Client(cluster) as c:
         yield c, True
 
@@ -974,8 +1109,9 @@ class _Progress:
         width = 30
         filled = int(width * done / max(1, self.total))
         rate = rows / max(1e-9, now - self.t0)
-        sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {done}/{self.total} parts, "
-                         f"{rows:,} rows, {rate:,.0f} rows/s ")
+        sys.stderr.write(
+            f"\r[{'#' * filled}{' ' * (width - filled)}] {done}/{self.total} parts, {rows:,} rows, {rate:,.0f} rows/s "
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -1064,14 +1200,26 @@ def score_dataset(
 
     t0 = time.perf_counter()
     spec = get_spec(model)
-    opts = _validate_options(spec.name, exact, score_column, threshold, filter, keep_embeddings,
-                             batch_size, resume, overwrite, rows_per_partition)
+    opts = _validate_options(
+        spec.name,
+        exact,
+        score_column,
+        threshold,
+        filter,
+        keep_embeddings,
+        batch_size,
+        resume,
+        overwrite,
+        rows_per_partition,
+    )
     device = "cuda" if gpu else None
-    opts = _Options(**{**asdict(opts), "device": device,
-                       "model_dir": None if model_dir is None else normalize_path(model_dir)})
+    opts = _Options(
+        **{**asdict(opts), "device": device, "model_dir": None if model_dir is None else normalize_path(model_dir)}
+    )
 
-    plan = plan_input(input, column=column, model=spec.name, rows_per_partition=rows_per_partition,
-                      storage_options=storage_options)
+    plan = plan_input(
+        input, column=column, model=spec.name, rows_per_partition=rows_per_partition, storage_options=storage_options
+    )
     _check_column_clashes(plan, opts)
     output_given = os.fspath(output)
     out_path = normalize_path(output_given)
@@ -1099,8 +1247,12 @@ def score_dataset(
     job = _job_description(plan, opts, rows_per_partition)
     plan.job_id = job["job_id"]
     reused, created = _prepare_output(plan, job, output_given, resume=resume, overwrite=overwrite)
-    summary = Summary(partitions=len(plan.parts), partitions_reused=len(reused),
-                      threshold=opts.threshold, output=show_path(out_fs, out_root))
+    summary = Summary(
+        partitions=len(plan.parts),
+        partitions_reused=len(reused),
+        threshold=opts.threshold,
+        output=show_path(out_fs, out_root),
+    )
     for r in reused.values():
         _add(summary, r)
     todo = [p for p in plan.parts if p.index not in reused]
@@ -1115,14 +1267,21 @@ def score_dataset(
     try:
         with _cluster(client, n_workers, threads_per_worker, gpu, quiet) as (c, _embedded):
             if todo:
-                c.register_plugin(NSFWModelPlugin(spec.name, device=device or "cpu",
-                                                  model_dir=opts.model_dir, exact=exact))
+                c.register_plugin(
+                    NSFWModelPlugin(spec.name, device=device or "cpu", model_dir=opts.model_dir, exact=exact)
+                )
             t_compute = time.perf_counter()
             bar = _Progress(len(plan.parts), progress)
             done = len(reused)
             job_spec = replace(plan, parts=[], files=[])  # what each task needs: no per-part lists
-            futures = c.map(run_part, [job_spec] * len(todo), todo, [opts] * len(todo), pure=False,
-                            key=[f"nsfw-dask-part-{plan.job_id}-{p.index}-{uuid.uuid4().hex[:6]}" for p in todo])
+            futures = c.map(
+                run_part,
+                [job_spec] * len(todo),
+                todo,
+                [opts] * len(todo),
+                pure=False,
+                key=[f"nsfw-dask-part-{plan.job_id}-{p.index}-{uuid.uuid4().hex[:6]}" for p in todo],
+            )
             try:
                 for fut in as_completed(futures):
                     if fut.status == "error":
@@ -1164,9 +1323,18 @@ def _add(summary: Summary, r: dict[str, Any]) -> None:
     summary.histogram = summary.histogram + r["histogram"]
 
 
-def _validate_options(model: str, exact: bool, score_column: Any, threshold: Any, filter: Any,
-                      keep_embeddings: Any, batch_size: Any, resume: bool, overwrite: bool,
-                      rows_per_partition: Any) -> _Options:
+def _validate_options(
+    model: str,
+    exact: bool,
+    score_column: Any,
+    threshold: Any,
+    filter: Any,
+    keep_embeddings: Any,
+    batch_size: Any,
+    resume: bool,
+    overwrite: bool,
+    rows_per_partition: Any,
+) -> _Options:
     if not isinstance(score_column, str) or not score_column.strip():
         raise JobError(f"the score column needs a name (--score-column), not {score_column!r}", 2)
     if filter is None:
@@ -1184,15 +1352,26 @@ def _validate_options(model: str, exact: bool, score_column: Any, threshold: Any
     if keep_embeddings not in KEEP_EMBEDDINGS:
         raise JobError(f"keep_embeddings must be False, True, 'binary' or 'list', not {keep_embeddings!r}", 2)
     if threshold is not None and score_column == IS_NSFW_COLUMN:
-        raise JobError(f"--score-column {IS_NSFW_COLUMN!r} clashes with the {IS_NSFW_COLUMN} column that "
-                       "--threshold adds; choose another score column name.", 2)
+        raise JobError(
+            f"--score-column {IS_NSFW_COLUMN!r} clashes with the {IS_NSFW_COLUMN} column that "
+            "--threshold adds; choose another score column name.",
+            2,
+        )
     if resume and overwrite:
         raise JobError("--resume keeps the committed parts and --overwrite deletes them; pass one.", 2)
     if not isinstance(rows_per_partition, int) or isinstance(rows_per_partition, bool) or rows_per_partition < 1:
         raise JobError(f"rows_per_partition must be a positive integer, not {rows_per_partition!r}", 2)
-    return _Options(model=model, exact=bool(exact), score_column=score_column, threshold=threshold,
-                    filter=filter, keep_embeddings=keep_embeddings, batch_size=batch_size, device=None,
-                    model_dir=None)
+    return _Options(
+        model=model,
+        exact=bool(exact),
+        score_column=score_column,
+        threshold=threshold,
+        filter=filter,
+        keep_embeddings=keep_embeddings,
+        batch_size=batch_size,
+        device=None,
+        model_dir=None,
+    )
 
 
 def _check_column_clashes(plan: Plan, opts: _Options) -> None:
@@ -1203,15 +1382,18 @@ def _check_column_clashes(plan: Plan, opts: _Options) -> None:
     if opts.score_column == plan.column:
         raise JobError(f"--score-column {opts.score_column!r} is the embedding column; choose another name.", 2)
     if opts.score_column in existing:
-        raise JobError(f"INPUT already has a column {opts.score_column!r}; pass --score-column with "
-                       "another name.", 2)
+        raise JobError(f"INPUT already has a column {opts.score_column!r}; pass --score-column with another name.", 2)
     if opts.threshold is not None and IS_NSFW_COLUMN in existing:
-        raise JobError(f"INPUT already has a column {IS_NSFW_COLUMN!r}, which --threshold adds; rename or "
-                       f"drop that column in INPUT, or run without --threshold/--filter.", 2)
+        raise JobError(
+            f"INPUT already has a column {IS_NSFW_COLUMN!r}, which --threshold adds; rename or "
+            f"drop that column in INPUT, or run without --threshold/--filter.",
+            2,
+        )
 
 
-def _prepare_output(plan: Plan, job: dict[str, Any], given: str, *, resume: bool,
-                    overwrite: bool) -> tuple[dict[int, dict[str, Any]], list[str]]:
+def _prepare_output(
+    plan: Plan, job: dict[str, Any], given: str, *, resume: bool, overwrite: bool
+) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """Create, replace or resume OUTPUT; write the job description.
 
     Returns the reused parts and the folders this call created (deepest first; local only).
@@ -1231,25 +1413,37 @@ def _prepare_output(plan: Plan, job: dict[str, Any], given: str, *, resume: bool
     elif names and resume:
         old = _read_json(fs, f"{root}/{JOB_FILE}")
         if not old:
-            raise JobError(f"OUTPUT {given} has no nsfw-dask job description ({JOB_FILE}); it was not written "
-                           "by nsfw-dask score, so there is nothing to resume. Choose another OUTPUT, or pass "
-                           "--overwrite to replace it.", 2)
+            raise JobError(
+                f"OUTPUT {given} has no nsfw-dask job description ({JOB_FILE}); it was not written "
+                "by nsfw-dask score, so there is nothing to resume. Choose another OUTPUT, or pass "
+                "--overwrite to replace it.",
+                2,
+            )
         diffs = _job_differences(old, job)
         if diffs:
-            raise JobError(f"--resume refused: OUTPUT {given} was written by a different job: "
-                           f"{'; '.join(diffs)}. Rerun with the original options, or pass --overwrite to "
-                           "start again.", 2)
+            raise JobError(
+                f"--resume refused: OUTPUT {given} was written by a different job: "
+                f"{'; '.join(diffs)}. Rerun with the original options, or pass --overwrite to "
+                "start again.",
+                2,
+            )
         if SUCCESS_FILE in names:
             fs.rm(f"{root}/{SUCCESS_FILE}")
         reused = _reusable_parts(plan, names)
     elif names:
         old = _read_json(fs, f"{root}/{JOB_FILE}")
         if old is None:
-            raise JobError(f"OUTPUT {given} already exists and was not written by nsfw-dask score; choose "
-                           "another OUTPUT, or pass --overwrite to replace it.", 2)
+            raise JobError(
+                f"OUTPUT {given} already exists and was not written by nsfw-dask score; choose "
+                "another OUTPUT, or pass --overwrite to replace it.",
+                2,
+            )
         state = "a finished run" if SUCCESS_FILE in names else "an unfinished run"
-        raise JobError(f"OUTPUT {given} already holds {state}; pass --resume to finish it (only the "
-                       "missing parts are scored), --overwrite to replace it, or choose another OUTPUT.", 2)
+        raise JobError(
+            f"OUTPUT {given} already holds {state}; pass --resume to finish it (only the "
+            "missing parts are scored), --overwrite to replace it, or choose another OUTPUT.",
+            2,
+        )
     created = _makedirs(fs, root) if not exists else []
     _sweep_temporaries(fs, root)
     _put_small(fs, root, JOB_FILE, json.dumps(job, indent=1).encode())
@@ -1306,9 +1500,15 @@ def _reusable_parts(plan: Plan, names: list[str]) -> dict[int, dict[str, Any]]:
         if not _part_ok(plan, part, rows, info):
             return part, None
         assert info is not None
-        return part, {"part": part.index, "rows": part.rows, "rows_written": rows, "reused": True,
-                      "nan_scores": info["nan_scores"], "over_threshold": info["over_threshold"],
-                      "histogram": _decode_hist(info["histogram"])}
+        return part, {
+            "part": part.index,
+            "rows": part.rows,
+            "rows_written": rows,
+            "reused": True,
+            "nan_scores": info["nan_scores"],
+            "over_threshold": info["over_threshold"],
+            "histogram": _decode_hist(info["histogram"]),
+        }
 
     reused = {}
     for part, r in _map_threads(check, present):
@@ -1328,14 +1528,22 @@ def _finish(plan: Plan, summary: Summary) -> None:
     names = set(_listing(fs, root))
     missing = [p.name for p in plan.parts if p.name not in names]
     if missing:
-        raise JobError(f"{len(missing)} part(s) are missing from OUTPUT after the run (e.g. {missing[0]}); "
-                       "rerun with --resume.")
+        raise JobError(
+            f"{len(missing)} part(s) are missing from OUTPUT after the run (e.g. {missing[0]}); rerun with --resume."
+        )
     if summary.rows != sum(p.rows for p in plan.parts):
-        raise JobError(f"the parts hold {summary.rows} input rows, the input has "
-                       f"{sum(p.rows for p in plan.parts)}; rerun with --resume.")
-    record = {"job_id": plan.job_id, "partitions": len(plan.parts), "rows": summary.rows,
-              "rows_written": summary.rows_written, "version": __version__,
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        raise JobError(
+            f"the parts hold {summary.rows} input rows, the input has "
+            f"{sum(p.rows for p in plan.parts)}; rerun with --resume."
+        )
+    record = {
+        "job_id": plan.job_id,
+        "partitions": len(plan.parts),
+        "rows": summary.rows,
+        "rows_written": summary.rows_written,
+        "version": __version__,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     _put_small(fs, root, SUCCESS_FILE, json.dumps(record).encode())
 
 
@@ -1343,4 +1551,3 @@ def is_finished(output: str | os.PathLike[str], storage_options: dict[str, Any] 
     """True if ``output`` is a finished ``score_dataset`` output (it has ``_SUCCESS``)."""
     fs, root = _fs(normalize_path(output), storage_options)
     return bool(fs.exists(f"{root}/{SUCCESS_FILE}"))
-

@@ -43,8 +43,14 @@ class NSFWModelPlugin(WorkerPlugin):
 
     idempotent = True
 
-    def __init__(self, model: str = "vit-l-14", *, device: str | None = None,
-                 model_dir: str | os.PathLike[str] | None = None, exact: bool = False) -> None:
+    def __init__(
+        self,
+        model: str = "vit-l-14",
+        *,
+        device: str | None = None,
+        model_dir: str | os.PathLike[str] | None = None,
+        exact: bool = False,
+    ) -> None:
         self.model = get_spec(model).name  # validated on the client
         self.device = device
         self.model_dir = None if model_dir is None else str(model_dir)

@@ -83,8 +83,9 @@ def score_tensor(
 _EXACT_CHUNK_ROWS = 65_536
 
 
-def _score_segments(model: NSFWModel | ExactNSFWModel, segments: list[Segment], n: int, *,
-                    batch_size: int, device: torch.device) -> torch.Tensor:
+def _score_segments(
+    model: NSFWModel | ExactNSFWModel, segments: list[Segment], n: int, *, batch_size: int, device: torch.device
+) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=device)
     covered = 0
     for seg in segments:
@@ -186,9 +187,7 @@ def score_nsfw(
     schema_only = _in_dask_meta_inference()
     col = backend.resolve_column(df, column, schema_only=schema_only)
     if score_column == col:
-        raise ValueError(
-            f"score_column {score_column!r} is the embedding column; choose another name."
-        )
+        raise ValueError(f"score_column {score_column!r} is the embedding column; choose another name.")
     n = len(df)
     if n == 0 or schema_only:
         return backend.attach(df, score_column, None)

@@ -92,15 +92,19 @@ class KerasVocabulary:
     indices: tuple[tuple[int, ...], ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {str(c): {"strings": list(s), "indices": list(i)}
-                for c, s, i in zip(self.columns, self.strings, self.indices)}
+        return {
+            str(c): {"strings": list(s), "indices": list(i)}
+            for c, s, i in zip(self.columns, self.strings, self.indices)
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> KerasVocabulary:
         cols = sorted(obj, key=int)
-        return cls(tuple(int(c) for c in cols),
-                   tuple(tuple(str(s) for s in obj[c]["strings"]) for c in cols),
-                   tuple(tuple(int(i) for i in obj[c]["indices"]) for c in cols))
+        return cls(
+            tuple(int(c) for c in cols),
+            tuple(tuple(str(s) for s in obj[c]["strings"]) for c in cols),
+            tuple(tuple(int(i) for i in obj[c]["indices"]) for c in cols),
+        )
 
 
 def vocabulary_digest(vocab: KerasVocabulary) -> str:
@@ -186,8 +190,13 @@ def _read_cached(path: Path, keras: KerasSpec) -> KerasVocabulary | None:
 
 def write_vocabulary_cache(vocab: KerasVocabulary, keras: KerasSpec, folders: list[Path]) -> Path | None:
     """Write ``vocab`` as ``<zip name>.vocab.json`` into the first writable of ``folders``."""
-    obj = {"format": _CACHE_FORMAT, "source": keras.filename, "source_sha256": keras.sha256,
-           "digest": keras.vocab_digest, "vocabulary": vocab.to_json()}
+    obj = {
+        "format": _CACHE_FORMAT,
+        "source": keras.filename,
+        "source_sha256": keras.sha256,
+        "digest": keras.vocab_digest,
+        "vocabulary": vocab.to_json(),
+    }
     data = json.dumps(obj, separators=(",", ":")).encode()
     for folder in folders:
         try:
@@ -230,9 +239,14 @@ def load_vocabulary(
                 if vocab is not None:
                     break
         if vocab is None:
-            zip_path = resolve_file(keras.filename, keras.url, keras.sha256, model_dir,
-                                    what=f"LAION's original {spec.clip_model} SavedModel",
-                                    download=download)
+            zip_path = resolve_file(
+                keras.filename,
+                keras.url,
+                keras.sha256,
+                model_dir,
+                what=f"LAION's original {spec.clip_model} SavedModel",
+                download=download,
+            )
             vocab = read_savedmodel_vocabulary(zip_path)
             if vocab.columns != keras.columns or vocabulary_digest(vocab) != keras.vocab_digest:
                 raise WeightsIntegrityError(

@@ -128,8 +128,7 @@ def read_state_dict(info: WeightsInfo) -> dict[str, torch.Tensor]:
         raise WeightsIntegrityError(f"Could not read weights file {info.path}: {e}") from e
     if kind == "tensors" and state_dict_digest(sd) != expected:
         raise WeightsIntegrityError(
-            f"Weights file {info.path} changed since it was verified (tensor digest differs); "
-            "it was not loaded."
+            f"Weights file {info.path} changed since it was verified (tensor digest differs); it was not loaded."
         )
     return sd
 
@@ -178,8 +177,6 @@ def find_weights_in(spec: ModelSpec, folder: Path) -> WeightsInfo | None:
     return None
 
 
-
-
 def _offline() -> bool:
     return os.environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -218,11 +215,14 @@ def resolve_weights(
     """
     spec = get_spec(model)
     return _resolve(
-        f"weights for {spec.name} ({spec.clip_model})", spec.filename, spec.url, spec.sha256,
+        f"weights for {spec.name} ({spec.clip_model})",
+        spec.filename,
+        spec.url,
+        spec.sha256,
         find=lambda folder, in_cache: find_weights_in(spec, folder),
-        fetch=lambda cache: WeightsInfo(spec, fetch_weights(spec, cache, timeout=timeout),
-                                        f"sha256:{spec.sha256}"),
-        model_dir=model_dir, download=download,
+        fetch=lambda cache: WeightsInfo(spec, fetch_weights(spec, cache, timeout=timeout), f"sha256:{spec.sha256}"),
+        model_dir=model_dir,
+        download=download,
     )
 
 
@@ -279,8 +279,16 @@ def fetch_weights(
     """
     spec = get_spec(model)
     copy_from = [] if (force or url) else _local_copies([spec.filename, *spec.alias_paths])
-    return _fetch(spec.filename, url or spec.url, spec.sha256, model_dir, timeout=timeout, force=force,
-                  copy_from=copy_from, model=spec.name)
+    return _fetch(
+        spec.filename,
+        url or spec.url,
+        spec.sha256,
+        model_dir,
+        timeout=timeout,
+        force=force,
+        copy_from=copy_from,
+        model=spec.name,
+    )
 
 
 def fetch_file(
@@ -457,10 +465,10 @@ def _probe(url: str, timeout: float) -> None:
         raise _Unreachable(_reason(e)) from e
 
 
-def _unreachable_message(filename: str, url: str, sha256: str, target: Path, reason: str,
-                         model: str | None) -> str:
-    verify = "nsfw-dask fetch-weights" + (f" --model {model}" if model else "") + \
-        f" --model-dir {shlex.quote(str(target))}"
+def _unreachable_message(filename: str, url: str, sha256: str, target: Path, reason: str, model: str | None) -> str:
+    verify = (
+        "nsfw-dask fetch-weights" + (f" --model {model}" if model else "") + f" --model-dir {shlex.quote(str(target))}"
+    )
     return (
         f"Cannot download {filename} from {url}: {reason} (no network, or the server is "
         f"unreachable). Download it on a machine with internet access and copy it into "
@@ -494,16 +502,24 @@ def resolve_file(
         if got == sha256:
             return path
         if in_cache:
-            raise WeightsIntegrityError(f"{path} is there but was refused: sha256 {got}, expected "
-                                        f"{sha256}; it is truncated or corrupted")
+            raise WeightsIntegrityError(
+                f"{path} is there but was refused: sha256 {got}, expected {sha256}; it is truncated or corrupted"
+            )
         raise WeightsIntegrityError(
             f"{what} {path} is truncated, corrupted or not LAION's file: sha256 {got}, "
             f"expected {sha256}. Delete it and download {url} again."
         )
 
-    return _resolve(what, filename, url, sha256, find=find,
-                    fetch=lambda cache: fetch_file(filename, url, sha256, cache, timeout=timeout),
-                    model_dir=model_dir, download=download)
+    return _resolve(
+        what,
+        filename,
+        url,
+        sha256,
+        find=find,
+        fetch=lambda cache: fetch_file(filename, url, sha256, cache, timeout=timeout),
+        model_dir=model_dir,
+        download=download,
+    )
 
 
 def _resolve(
@@ -544,8 +560,10 @@ def _resolve(
     if found is not None:
         return found
     where = ", ".join(str(p) for p in searched) + refused
-    how = (f"Copy {filename} (sha256 {sha256}, from {url}) into a folder and set "
-           f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=).")
+    how = (
+        f"Copy {filename} (sha256 {sha256}, from {url}) into a folder and set "
+        f"{ENV_MODEL_DIR}=/that/folder (or pass model_dir=)."
+    )
     if not download:
         raise WeightsNotFoundError(f"No {what} in {where}, and downloading is disabled. {how}")
     try:
@@ -571,8 +589,9 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     if time.monotonic() > deadline:
-                        raise WeightsError(f"download of {url} took too long (over "
-                                           f"{max(120.0, 20 * timeout):.0f} s); aborted")
+                        raise WeightsError(
+                            f"download of {url} took too long (over {max(120.0, 20 * timeout):.0f} s); aborted"
+                        )
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)

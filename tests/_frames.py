@@ -14,8 +14,9 @@ import pandas as pd
 import pyarrow as pa
 
 
-def embedding_array(x: np.ndarray | pa.Array | pa.ChunkedArray,
-                    pa_type: pa.DataType | None = None) -> pd.arrays.ArrowExtensionArray:
+def embedding_array(
+    x: np.ndarray | pa.Array | pa.ChunkedArray, pa_type: pa.DataType | None = None
+) -> pd.arrays.ArrowExtensionArray:
     """A pandas Arrow column of embeddings: ``x`` as ``list<float32>`` (or ``pa_type``, e.g.
     ``pa.list_(pa.float16())`` or a ``fixed_size_list``); Arrow arrays are wrapped as they are."""
     if isinstance(x, (pa.Array, pa.ChunkedArray)):
@@ -26,7 +27,10 @@ def embedding_array(x: np.ndarray | pa.Array | pa.ChunkedArray,
 def make_frame(columns: dict[str, Any], index: Any = None) -> pd.DataFrame:
     """A DataFrame in the given column order; 2-d NumPy arrays and Arrow arrays become embedding
     columns (:func:`embedding_array`), anything else is passed to pandas as is."""
-    data = {name: embedding_array(v) if isinstance(v, (pa.Array, pa.ChunkedArray))
-            or (isinstance(v, np.ndarray) and v.ndim == 2) else v
-            for name, v in columns.items()}
+    data = {
+        name: embedding_array(v)
+        if isinstance(v, (pa.Array, pa.ChunkedArray)) or (isinstance(v, np.ndarray) and v.ndim == 2)
+        else v
+        for name, v in columns.items()
+    }
     return pd.DataFrame(data, index=index)

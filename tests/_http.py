@@ -106,9 +106,7 @@ class LocalServer:
                 pass  # a client that hung up is part of these tests, not an error
 
         self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def url(self, path: str) -> str:
         host, port = self.httpd.server_address[:2]

@@ -144,9 +144,18 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 # Variables that would send a client elsewhere or to other credentials: removed for the test.
-_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-          "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-          "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_S3_ENDPOINT", "FSSPEC_S3")
+_UNSET = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_S3_ENDPOINT",
+    "FSSPEC_S3",
+)
 
 
 @pytest.fixture(scope="session")
@@ -188,8 +197,7 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyte
     with _quiet():
         # region from AWS_DEFAULT_REGION; an explicit client_kwargs region_name would make
         # mkdir send LocationConstraint=us-east-1, which S3 (and moto) reject.
-        fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing",
-                               skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, key="testing", secret="testing", skip_instance_cache=True)
         fs.mkdir(bucket)
     try:
         yield S3(endpoint=s3_endpoint, bucket=bucket, fs=fs)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -96,8 +96,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if os.environ.get("NSFW_DASK_REQUIRE_WEIGHTS") == "1" and _skipped_weight_tests:
-        print(f"\nNSFW_DASK_REQUIRE_WEIGHTS=1 but {len(_skipped_weight_tests)} weight-dependent test(s) "
-              f"were skipped: {_skipped_weight_tests[:5]}")
+        print(
+            f"\nNSFW_DASK_REQUIRE_WEIGHTS=1 but {len(_skipped_weight_tests)} weight-dependent test(s) "
+            f"were skipped: {_skipped_weight_tests[:5]}"
+        )
         session.exitstatus = 1
 
 
@@ -166,8 +168,11 @@ class SyntheticModel:
         path = folder / "synthetic_nsfw_head.pth"
         torch.save(self.state, path)
         spec = models.ModelSpec(
-            name=self.name, clip_model="a synthetic 768-d test head", layers=(768, 8, 1),
-            filename=path.name, url="http://127.0.0.1:9/synthetic_nsfw_head.pth",
+            name=self.name,
+            clip_model="a synthetic 768-d test head",
+            layers=(768, 8, 1),
+            filename=path.name,
+            url="http://127.0.0.1:9/synthetic_nsfw_head.pth",
             sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         )
         monkeypatch.setitem(models.MODEL_SPECS, self.name, spec)

@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsfw_dask
-from _frames import make_frame
 from nsfw_dask import EmbeddingColumnError, EmbeddingFormatError, NSFWScorer, score_nsfw
 from nsfw_dask._arrow import PandasBackend
 from nsfw_dask.models import get_spec
+
+from _frames import make_frame
 
 pytestmark = pytest.mark.weights
 
@@ -178,8 +179,9 @@ def test_multi_chunk_column(X300: np.ndarray, base300: np.ndarray, kind: str) ->
     cuts = [0, 100, 101, 101, 180, 300]  # one 1-row chunk, one empty chunk
     big = _list_array(X300, kind)
     # chunks that are slices of one array (offsets != 0) and fresh arrays alike
-    chunks = [big.slice(a, b - a) if i % 2 else _list_array(X300[a:b], kind)
-              for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    chunks = [
+        big.slice(a, b - a) if i % 2 else _list_array(X300[a:b], kind) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))
+    ]
     col = pa.chunked_array(chunks)
     df = _frame(col)
     assert len(df) == 300
@@ -211,13 +213,22 @@ def test_multi_chunk_column(X300: np.ndarray, base300: np.ndarray, kind: str) ->
 
 
 @pytest.mark.parametrize("kind", list(LIST_TYPES))
-@pytest.mark.parametrize(("np_dtype", "pa_type", "torch_dtype", "tol"), [
-    (np.float16, pa.float16(), torch.float16, 1e-3),
-    (np.float64, pa.float64(), torch.float64, 1e-6),
-])
-def test_float16_and_float64_columns(X300: np.ndarray, base300: np.ndarray, kind: str,
-                                     np_dtype: Any, pa_type: pa.DataType, torch_dtype: torch.dtype,
-                                     tol: float) -> None:
+@pytest.mark.parametrize(
+    ("np_dtype", "pa_type", "torch_dtype", "tol"),
+    [
+        (np.float16, pa.float16(), torch.float16, 1e-3),
+        (np.float64, pa.float64(), torch.float64, 1e-6),
+    ],
+)
+def test_float16_and_float64_columns(
+    X300: np.ndarray,
+    base300: np.ndarray,
+    kind: str,
+    np_dtype: Any,
+    pa_type: pa.DataType,
+    torch_dtype: torch.dtype,
+    tol: float,
+) -> None:
     x = X300.astype(np_dtype)
     arr = _list_array(x, kind)
     assert arr.type.value_type == pa_type
@@ -234,15 +245,26 @@ def test_float16_and_float64_columns(X300: np.ndarray, base300: np.ndarray, kind
     np.testing.assert_allclose(out["nsfw_score"].to_numpy(), base300[10:200], rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("make", [
-    pytest.param(lambda n: pd.arrays.ArrowExtensionArray(pa.array([[1, 2, 3]] * n, pa.list_(pa.int64()))), id="list<int64>"),
-    pytest.param(lambda n: pd.arrays.ArrowExtensionArray(pa.array([[1] * DIM] * n, pa.list_(pa.int32(), DIM))), id="fixed<int32,768>"),
-    pytest.param(lambda n: pd.arrays.ArrowExtensionArray(pa.array([[1] * DIM] * n, pa.large_list(pa.int8()))), id="large_list<int8>"),
-    pytest.param(lambda n: pd.arrays.ArrowExtensionArray(pa.array(["x"] * n)), id="arrow-string"),
-    pytest.param(lambda n: pd.array(["x"] * n, dtype="str"), id="pandas-str"),
-    pytest.param(lambda n: pd.Series(["x"] * n, dtype=object).array, id="object-str"),
-    pytest.param(lambda n: np.arange(n, dtype=np.int64), id="int64"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda n: pd.arrays.ArrowExtensionArray(pa.array([[1, 2, 3]] * n, pa.list_(pa.int64()))), id="list<int64>"
+        ),
+        pytest.param(
+            lambda n: pd.arrays.ArrowExtensionArray(pa.array([[1] * DIM] * n, pa.list_(pa.int32(), DIM))),
+            id="fixed<int32,768>",
+        ),
+        pytest.param(
+            lambda n: pd.arrays.ArrowExtensionArray(pa.array([[1] * DIM] * n, pa.large_list(pa.int8()))),
+            id="large_list<int8>",
+        ),
+        pytest.param(lambda n: pd.arrays.ArrowExtensionArray(pa.array(["x"] * n)), id="arrow-string"),
+        pytest.param(lambda n: pd.array(["x"] * n, dtype="str"), id="pandas-str"),
+        pytest.param(lambda n: pd.Series(["x"] * n, dtype=object).array, id="object-str"),
+        pytest.param(lambda n: np.arange(n, dtype=np.int64), id="int64"),
+    ],
+)
 def test_non_float_columns_raise_naming_the_column(make: Any) -> None:
     df = pd.DataFrame({"my_emb": make(4), "other": np.arange(4)})
     with pytest.raises(EmbeddingFormatError, match="'my_emb'") as info:
@@ -363,8 +385,7 @@ def test_null_rows_from_pa_array(X300: np.ndarray, base300: np.ndarray, kind: st
 
     # and in a sliced partition (192 rows: whole batches of 64)
     part = df.iloc[8:200]
-    _check_null_scores(_scores(part, batch_size=64), nulls[8:200], base300[8:200],
-                       bitwise=kind == "fixed_size_list")
+    _check_null_scores(_scores(part, batch_size=64), nulls[8:200], base300[8:200], bitwise=kind == "fixed_size_list")
 
 
 @pytest.mark.parametrize("kind", VARIABLE)
@@ -393,7 +414,7 @@ def test_null_rows_mixed_layout_gathers_valid_rows(X300: np.ndarray, base300: np
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = np.full(offsets[-1], np.nan, np.float32)  # NaN behind every null row
     for i in np.flatnonzero(~nulls):
-        values[offsets[i]:offsets[i + 1]] = X300[i]
+        values[offsets[i] : offsets[i + 1]] = X300[i]
     cls, odt = (pa.ListArray, np.int32) if kind == "list" else (pa.LargeListArray, np.int64)
     arr = cls.from_arrays(pa.array(offsets.astype(odt)), pa.array(values), mask=pa.array(nulls))
     assert arr.null_count == len(NULL_POS)
@@ -480,29 +501,36 @@ def test_512d_input_suggests_vit_b_32(b32_ref: dict[str, np.ndarray], kind: str)
 
 def test_column_none_picks_the_only_float_list_column(X300: np.ndarray, base300: np.ndarray) -> None:
     n = 10
-    df = pd.DataFrame({
-        "ints": pd.arrays.ArrowExtensionArray(pa.array([[1, 2]] * n, pa.list_(pa.int64()))),
-        "nested": pd.arrays.ArrowExtensionArray(pa.array([[[1.0]]] * n)),
-        "name": [f"n{i}" for i in range(n)],
-        "x": np.arange(n, dtype=np.float64),
-        "the_embedding": pd.arrays.ArrowExtensionArray(pa.array(list(X300[:n]))),
-    })
+    df = pd.DataFrame(
+        {
+            "ints": pd.arrays.ArrowExtensionArray(pa.array([[1, 2]] * n, pa.list_(pa.int64()))),
+            "nested": pd.arrays.ArrowExtensionArray(pa.array([[[1.0]]] * n)),
+            "name": [f"n{i}" for i in range(n)],
+            "x": np.arange(n, dtype=np.float64),
+            "the_embedding": pd.arrays.ArrowExtensionArray(pa.array(list(X300[:n]))),
+        }
+    )
     out = score_nsfw(df)
     np.testing.assert_allclose(out["nsfw_score"].to_numpy(), base300[:n], rtol=0, atol=1e-6)
 
 
 def test_column_choice_errors(X300: np.ndarray) -> None:
     emb = pa.array(list(X300[:4]))
-    two = pd.DataFrame({"a_emb": pd.arrays.ArrowExtensionArray(emb),
-                        "b_emb": pd.arrays.ArrowExtensionArray(emb.cast(pa.large_list(pa.float16())))})
+    two = pd.DataFrame(
+        {
+            "a_emb": pd.arrays.ArrowExtensionArray(emb),
+            "b_emb": pd.arrays.ArrowExtensionArray(emb.cast(pa.large_list(pa.float16()))),
+        }
+    )
     with pytest.raises(EmbeddingColumnError) as info:
         score_nsfw(two)
     assert isinstance(info.value, KeyError)
     assert "'a_emb'" in str(info.value) and "'b_emb'" in str(info.value)
     assert score_nsfw(two, column="b_emb")["nsfw_score"].notna().all()
 
-    none = pd.DataFrame({"x": np.arange(4), "s": list("abcd"),
-                         "ints": pd.arrays.ArrowExtensionArray(pa.array([[1]] * 4))})
+    none = pd.DataFrame(
+        {"x": np.arange(4), "s": list("abcd"), "ints": pd.arrays.ArrowExtensionArray(pa.array([[1]] * 4))}
+    )
     with pytest.raises(EmbeddingColumnError, match="dtype_backend='pyarrow'"):
         score_nsfw(none)
 
@@ -521,24 +549,32 @@ def test_column_choice_errors(X300: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- output frame
 
 
-@pytest.mark.parametrize("index", [
-    pd.Index([7, 7, 3, 3, 3, 1, 9, 9, 0, 2]),  # duplicated, unsorted
-    pd.RangeIndex(100, 0, -10),  # descending
-    pd.Index([f"k{i}" for i in range(10)][::-1]),  # strings
-], ids=["duplicated", "descending", "strings"])
+@pytest.mark.parametrize(
+    "index",
+    [
+        pd.Index([7, 7, 3, 3, 3, 1, 9, 9, 0, 2]),  # duplicated, unsorted
+        pd.RangeIndex(100, 0, -10),  # descending
+        pd.Index([f"k{i}" for i in range(10)][::-1]),  # strings
+    ],
+    ids=["duplicated", "descending", "strings"],
+)
 def test_output_passthrough_index_and_no_mutation(X300: np.ndarray, base300: np.ndarray, index: pd.Index) -> None:
     n = 10
-    df = pd.DataFrame({
-        "i": np.arange(n, dtype=np.int32),
-        "s": [f"s{i}" for i in range(n)],
-        "c": pd.Categorical(list("xyzxyzxyzx")),
-        "d": pd.date_range("2024-01-01", periods=n, freq="h", tz="UTC"),
-        "I": pd.array([1, None, 3, 4, None, 6, 7, 8, 9, None], dtype="Int64"),
-        "nested": pd.arrays.ArrowExtensionArray(pa.array([[[1.0, 2.0]], None, [], [[3.0]]] * 2 + [[[4.0]]] * 2,
-                                                         pa.list_(pa.list_(pa.float64())))),
-        "emb": pd.arrays.ArrowExtensionArray(pa.array(list(X300[:n]))),
-        "tail": np.linspace(0, 1, n),
-    }, index=index)
+    df = pd.DataFrame(
+        {
+            "i": np.arange(n, dtype=np.int32),
+            "s": [f"s{i}" for i in range(n)],
+            "c": pd.Categorical(list("xyzxyzxyzx")),
+            "d": pd.date_range("2024-01-01", periods=n, freq="h", tz="UTC"),
+            "I": pd.array([1, None, 3, 4, None, 6, 7, 8, 9, None], dtype="Int64"),
+            "nested": pd.arrays.ArrowExtensionArray(
+                pa.array([[[1.0, 2.0]], None, [], [[3.0]]] * 2 + [[[4.0]]] * 2, pa.list_(pa.list_(pa.float64())))
+            ),
+            "emb": pd.arrays.ArrowExtensionArray(pa.array(list(X300[:n]))),
+            "tail": np.linspace(0, 1, n),
+        },
+        index=index,
+    )
     before = df.copy(deep=True)
     out = score_nsfw(df, column="emb", batch_size=3)
 
@@ -600,8 +636,9 @@ def test_all_null_partition_with_slots_does_not_load_the_model(X300: np.ndarray,
     if layout == "fixed_size_list":
         arr = pa.array([None] * 6, type=LIST_TYPES["fixed_size_list"])
     else:
-        arr = pa.ListArray.from_arrays(pa.array(np.arange(7, dtype=np.int32) * DIM),
-                                       _values(X300[:6]), mask=pa.array([True] * 6))
+        arr = pa.ListArray.from_arrays(
+            pa.array(np.arange(7, dtype=np.int32) * DIM), _values(X300[:6]), mask=pa.array([True] * 6)
+        )
     _assert_no_load(_frame(arr, index=list("abcdef")))
 
 
@@ -614,8 +651,9 @@ def test_all_null_fixed_size_list_of_other_size_gives_nan() -> None:
 # ----------------------------------------------------------------------------- non-finite values
 
 
-def test_nan_and_inf_rows_match_the_array_api(l14_special: dict[str, np.ndarray], X300: np.ndarray,
-                                              ref_scores: np.ndarray) -> None:
+def test_nan_and_inf_rows_match_the_array_api(
+    l14_special: dict[str, np.ndarray], X300: np.ndarray, ref_scores: np.ndarray
+) -> None:
     special = l14_special["inputs"]
     assert special.shape == (8, DIM)
     expected = NSFWScorer(device="cpu")(special.copy()).numpy()
@@ -709,7 +747,7 @@ def _build(p: dict[str, Any], X: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, 
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         flat = np.full(offsets[-1], np.nan, np.float32)
         for i in np.flatnonzero(~nulls):
-            flat[offsets[i]:offsets[i + 1]] = X[rows[i]]
+            flat[offsets[i] : offsets[i + 1]] = X[rows[i]]
         cls, odt = (pa.ListArray, np.int32) if kind == "list" else (pa.LargeListArray, np.int64)
         arr = cls.from_arrays(pa.array(offsets.astype(odt)), pa.array(flat), mask=pa.array(nulls))
     cuts = [0, *p["cuts"], n]

@@ -27,9 +27,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,8 +74,7 @@ class Oracle:
         return (self.big16, self.one16) if np.dtype(dtype) == np.float16 else (self.big32, self.one32)
 
 
-def assert_scores(s: np.ndarray, big: np.ndarray, one: np.ndarray, nan_rows: np.ndarray,
-                  labels: Any = None) -> None:
+def assert_scores(s: np.ndarray, big: np.ndarray, one: np.ndarray, nan_rows: np.ndarray, labels: Any = None) -> None:
     """``s`` NaN exactly at ``nan_rows`` (and where the head gives NaN), else the oracle +-1e-6."""
     assert s.dtype == np.float32, s.dtype
     assert s.shape == big.shape == one.shape == nan_rows.shape, (s.shape, big.shape, nan_rows.shape)
@@ -92,7 +92,8 @@ def assert_scores(s: np.ndarray, big: np.ndarray, one: np.ndarray, nan_rows: np.
         worst = int(np.argmax(err))
         pos = int(np.flatnonzero(ok)[worst])
         assert err[worst] <= ATOL, (
-            f"row at position {pos}" + (f" (label {labels[pos]!r})" if labels is not None else "")
+            f"row at position {pos}"
+            + (f" (label {labels[pos]!r})" if labels is not None else "")
             + f": score {s[pos]!r}, oracle {big[pos]!r} / {one[pos]!r}"
         )
 
@@ -119,8 +120,14 @@ def _values(flat: np.ndarray, mask: np.ndarray | None = None) -> pa.Array:
     return pa.array(np.ascontiguousarray(flat).reshape(-1), mask=mask)
 
 
-def list_array(x: np.ndarray, kind: str = "list", *, nulls: np.ndarray | None = None,
-               elem_null: np.ndarray | None = None, child_offset: int = 0) -> pa.Array:
+def list_array(
+    x: np.ndarray,
+    kind: str = "list",
+    *,
+    nulls: np.ndarray | None = None,
+    elem_null: np.ndarray | None = None,
+    child_offset: int = 0,
+) -> pa.Array:
     """Rows of ``x`` (n, d) as an Arrow ``kind`` array over one flat buffer (no Python lists).
 
     ``nulls``: null rows (they keep their d slots, garbage behind them); ``elem_null``: (n, d)
@@ -239,8 +246,11 @@ def _mask(n: int, pos: list[int]) -> np.ndarray:
 
 
 def _length_error(df: pd.DataFrame, pos: int, got: int, hint: str, column: str = "emb") -> Raises:
-    return Raises(EmbeddingFormatError, [f"Column {column!r}", f"has {got} values", "expected 768", hint],
-                  any_of=[label_needles(df.index[pos])])
+    return Raises(
+        EmbeddingFormatError,
+        [f"Column {column!r}", f"has {got} values", "expected 768", hint],
+        any_of=[label_needles(df.index[pos])],
+    )
 
 
 HINT_B32 = "model='vit-b-32'"
@@ -260,8 +270,9 @@ def case_wrong_dim_all_rows_512_list(X: np.ndarray) -> Case:
 
 @case
 def case_wrong_dim_all_rows_512_fixed_size_list_first_row_null(X: np.ndarray) -> Case:
-    df = frame(arrow(list_array(X[:20, :512], "fixed_size_list", nulls=_mask(20, [0]))),
-               index=[f"p{i}" for i in range(20)])
+    df = frame(
+        arrow(list_array(X[:20, :512], "fixed_size_list", nulls=_mask(20, [0]))), index=[f"p{i}" for i in range(20)]
+    )
     return Case(df, _length_error(df, 1, 512, HINT_B32))  # the first non-null row
 
 
@@ -437,7 +448,7 @@ def case_null_rows_with_odd_lengths_behind_them(X: np.ndarray) -> Case:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     flat = np.full(offsets[-1], np.inf, np.float32)
     for i in np.flatnonzero(~nulls):
-        flat[offsets[i]:offsets[i + 1]] = X[i]
+        flat[offsets[i] : offsets[i + 1]] = X[i]
     arr = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat), mask=pa.array(nulls))
     return Case(frame(arrow(arr), index=pd.RangeIndex(0, 300, 3)), Ok(X[:100], nulls))
 
@@ -452,8 +463,10 @@ def case_null_rows_with_odd_lengths_in_a_sliced_partition(X: np.ndarray) -> Case
 
 @case
 def case_all_rows_null_list(X: np.ndarray) -> Case:
-    return Case(frame(arrow(pa.nulls(7, pa.list_(pa.float32()))), index=list("abcdefg")),
-                Ok(np.zeros((7, DIM), np.float32), _mask(7, list(range(7)))))
+    return Case(
+        frame(arrow(pa.nulls(7, pa.list_(pa.float32()))), index=list("abcdefg")),
+        Ok(np.zeros((7, DIM), np.float32), _mask(7, list(range(7)))),
+    )
 
 
 @case
@@ -500,8 +513,14 @@ def case_null_element_and_null_rows_fixed_size_list_float64(X: np.ndarray) -> Ca
 # ----------------------------------------------------------------------------- non-finite values
 
 
-def _special_case(X: np.ndarray, value: float, *, whole_row: bool, check: Callable[[np.ndarray], None] | None,
-                  nan_documented: bool = False) -> Case:
+def _special_case(
+    X: np.ndarray,
+    value: float,
+    *,
+    whole_row: bool,
+    check: Callable[[np.ndarray], None] | None,
+    nan_documented: bool = False,
+) -> Case:
     """Ordinary rows with a few special rows interleaved (one element, or the whole row = value)."""
     x = X[:40].copy()
     special = [0, 13, 14, 39]
@@ -518,8 +537,9 @@ def _special_case(X: np.ndarray, value: float, *, whole_row: bool, check: Callab
         if check is not None:
             check(s[special])
 
-    return Case(frame(arrow(list_array(x, "large_list")), index=[f"v{i}" for i in range(40)]),
-                Ok(x, nan, check=run_check))
+    return Case(
+        frame(arrow(list_array(x, "large_list")), index=[f"v{i}" for i in range(40)]), Ok(x, nan, check=run_check)
+    )
 
 
 def _all_nan(s: np.ndarray) -> None:
@@ -576,8 +596,9 @@ def case_1e30_row(X: np.ndarray) -> Case:
 def _dtype_case(X: np.ndarray, kind: str, dtype: Any) -> Case:
     x = X[:200].astype(dtype)
     nulls = _mask(200, [5, 100])
-    return Case(frame(arrow(list_array(x, kind, nulls=nulls)), index=pd.RangeIndex(200, 0, -1)),
-                Ok(x.astype(np.float32), nulls))
+    return Case(
+        frame(arrow(list_array(x, kind, nulls=nulls)), index=pd.RangeIndex(200, 0, -1)), Ok(x.astype(np.float32), nulls)
+    )
 
 
 @case
@@ -611,8 +632,11 @@ def _int_case(X: np.ndarray, t: pa.DataType, *, column: Any) -> Case:
     df = frame(arrow(arr))
     if column is None:  # not a candidate: README, "none -> EmbeddingColumnError"
         return Case(df, Raises(EmbeddingColumnError, ["'emb'", str(t.value_type), "column="]))
-    return Case(df, Raises(EmbeddingFormatError, ["Column 'emb'", f"lists of {t.value_type}", HINT_CAST, "float32"]),
-                {"column": column})
+    return Case(
+        df,
+        Raises(EmbeddingFormatError, ["Column 'emb'", f"lists of {t.value_type}", HINT_CAST, "float32"]),
+        {"column": column},
+    )
 
 
 @case
@@ -680,15 +704,17 @@ def case_string_column_python_string_dtype(X: np.ndarray) -> Case:
 def case_string_column_object(X: np.ndarray) -> Case:
     df = frame(obj(["x", "y", "z"]), index=["r0", "r1", "r2"])
     assert df["emb"].dtype == object
-    return Case(df, Raises(EmbeddingFormatError, ["Column 'emb'", "str", HINT_CAST], any_of=[label_needles("r0")]),
-                {"column": "emb"})
+    return Case(
+        df,
+        Raises(EmbeddingFormatError, ["Column 'emb'", "str", HINT_CAST], any_of=[label_needles("r0")]),
+        {"column": "emb"},
+    )
 
 
 @case
 def case_nested_list_column(X: np.ndarray) -> Case:
     df = frame(arrow(pa.array([[list(map(float, X[i]))] for i in range(3)])))
-    return Case(df, Raises(EmbeddingFormatError, ["Column 'emb'", "list<item: double>", HINT_CAST]),
-                {"column": "emb"})
+    return Case(df, Raises(EmbeddingFormatError, ["Column 'emb'", "list<item: double>", HINT_CAST]), {"column": "emb"})
 
 
 # ----------------------------------------------------------------------------- object columns
@@ -710,8 +736,9 @@ def case_object_python_lists(X: np.ndarray) -> Case:
 
 @case
 def case_object_all_none(X: np.ndarray) -> Case:
-    return Case(frame(obj([None, None, np.nan, pd.NA])), Ok(np.zeros((4, DIM), np.float32), np.ones(4, bool)),
-                {"column": "emb"})
+    return Case(
+        frame(obj([None, None, np.nan, pd.NA])), Ok(np.zeros((4, DIM), np.float32), np.ones(4, bool)), {"column": "emb"}
+    )
 
 
 @case
@@ -722,8 +749,16 @@ def case_object_all_none_column_not_given(X: np.ndarray) -> Case:
 @case
 def case_object_mixed(X: np.ndarray) -> Case:
     rows: list[Any] = [
-        X[0], X[1].astype(np.float64), X[2].astype(np.float16), [float(v) for v in X[3]], None,
-        tuple(float(v) for v in X[5]), np.nan, pd.NA, X[8][::-1].copy()[::-1], np.asfortranarray(X[:12])[9],
+        X[0],
+        X[1].astype(np.float64),
+        X[2].astype(np.float16),
+        [float(v) for v in X[3]],
+        None,
+        tuple(float(v) for v in X[5]),
+        np.nan,
+        pd.NA,
+        X[8][::-1].copy()[::-1],
+        np.asfortranarray(X[:12])[9],
     ]
     x = X[:10].copy()
     x[2] = X[2].astype(np.float16).astype(np.float32)
@@ -741,8 +776,10 @@ def case_object_2d_array_row(X: np.ndarray) -> Case:
     rows: list[Any] = list(X[:5])
     rows[2] = X[2].reshape(1, DIM)
     df = frame(obj(rows), index=[f"r{i}" for i in range(5)])
-    return Case(df, Raises(EmbeddingFormatError, ["'emb'", "(1, 768)", "Store one float32 vector"],
-                           any_of=[label_needles("r2")]))
+    return Case(
+        df,
+        Raises(EmbeddingFormatError, ["'emb'", "(1, 768)", "Store one float32 vector"], any_of=[label_needles("r2")]),
+    )
 
 
 @case
@@ -750,8 +787,9 @@ def case_object_string_row_in_the_middle(X: np.ndarray) -> Case:
     rows: list[Any] = list(X[:5])
     rows[3] = "not an embedding"
     df = frame(obj(rows), index=[f"r{i}" for i in range(5)])
-    return Case(df, Raises(EmbeddingFormatError, ["'emb'", "str", "Store one float32 vector"],
-                           any_of=[label_needles("r3")]))
+    return Case(
+        df, Raises(EmbeddingFormatError, ["'emb'", "str", "Store one float32 vector"], any_of=[label_needles("r3")])
+    )
 
 
 @case
@@ -759,8 +797,7 @@ def case_object_scalar_row(X: np.ndarray) -> Case:
     rows: list[Any] = list(X[:5])
     rows[1] = 0.5
     df = frame(obj(rows), index=[f"r{i}" for i in range(5)])
-    return Case(df, Raises(EmbeddingFormatError, ["'emb'", "Store one float32 vector"],
-                           any_of=[label_needles("r1")]))
+    return Case(df, Raises(EmbeddingFormatError, ["'emb'", "Store one float32 vector"], any_of=[label_needles("r1")]))
 
 
 # ----------------------------------------------------------------------------- empty and one row
@@ -791,8 +828,9 @@ def case_empty_partition_object(X: np.ndarray) -> Case:
 
 @case
 def case_empty_frame_without_rows(X: np.ndarray) -> Case:
-    df = pd.DataFrame({"id": pd.Series([], dtype="int64"),
-                       "emb": pd.Series([], dtype=pd.ArrowDtype(pa.list_(pa.float32())))})
+    df = pd.DataFrame(
+        {"id": pd.Series([], dtype="int64"), "emb": pd.Series([], dtype=pd.ArrowDtype(pa.list_(pa.float32())))}
+    )
     return Case(df, Ok(np.zeros((0, DIM), np.float32), _none(0)))
 
 
@@ -887,8 +925,9 @@ def case_index_strings_with_duplicates_and_error(X: np.ndarray) -> Case:
 
 def _slice_case(X: np.ndarray, kind: str, child_offset: int = 0) -> Case:
     nulls = _mask(300, [40, 41, 100, 209, 210])
-    full = frame(arrow(list_array(X[:300], kind, nulls=nulls, child_offset=child_offset)),
-                 index=[f"q{i}" for i in range(300)])
+    full = frame(
+        arrow(list_array(X[:300], kind, nulls=nulls, child_offset=child_offset)), index=[f"q{i}" for i in range(300)]
+    )
     return Case(full.iloc[37:211], Ok(X[37:211], nulls[37:211]))
 
 
@@ -948,8 +987,10 @@ def case_multi_chunk_fixed_size_list_fresh_chunks(X: np.ndarray) -> Case:
 @case
 def case_multi_chunk_one_chunk_all_null(X: np.ndarray) -> Case:
     t = pa.large_list(pa.float32())
-    col = pa.chunked_array([list_array(X[:20], "large_list"), pa.nulls(15, t),
-                            list_array(X[35:60], "large_list", nulls=_mask(25, [0]))], type=t)
+    col = pa.chunked_array(
+        [list_array(X[:20], "large_list"), pa.nulls(15, t), list_array(X[35:60], "large_list", nulls=_mask(25, [0]))],
+        type=t,
+    )
     x = X[:60]
     return Case(frame(arrow(col)), Ok(x, _mask(60, list(range(20, 36)))))
 
@@ -1003,8 +1044,9 @@ def case_passthrough_every_other_dtype(X: np.ndarray) -> Case:
 @case
 def case_missing_column(X: np.ndarray) -> Case:
     df = frame(arrow(list_array(X[:4])))
-    return Case(df, Raises(EmbeddingColumnError, ["'nope'", "not found", "'emb'", "'tag'", "column="]),
-                {"column": "nope"})
+    return Case(
+        df, Raises(EmbeddingColumnError, ["'nope'", "not found", "'emb'", "'tag'", "column="]), {"column": "nope"}
+    )
 
 
 @case
@@ -1051,16 +1093,20 @@ def case_score_column_custom_name_exists(X: np.ndarray) -> Case:
 
 @case
 def case_score_column_is_the_embedding_column(X: np.ndarray) -> Case:
-    return Case(frame(arrow(list_array(X[:3]))),
-                Raises(ValueError, ["score_column 'emb'", "embedding column", "choose another name"]),
-                {"column": "emb", "score_column": "emb"})
+    return Case(
+        frame(arrow(list_array(X[:3]))),
+        Raises(ValueError, ["score_column 'emb'", "embedding column", "choose another name"]),
+        {"column": "emb", "score_column": "emb"},
+    )
 
 
 @case
 def case_score_column_is_the_auto_picked_embedding_column(X: np.ndarray) -> Case:
-    return Case(frame(arrow(list_array(X[:3]))),
-                Raises(ValueError, ["score_column 'emb'", "embedding column", "choose another name"]),
-                {"score_column": "emb"})
+    return Case(
+        frame(arrow(list_array(X[:3]))),
+        Raises(ValueError, ["score_column 'emb'", "embedding column", "choose another name"]),
+        {"score_column": "emb"},
+    )
 
 
 @case
@@ -1141,13 +1187,39 @@ def test_case(name: str, X: np.ndarray, oracle: Oracle) -> None:
 def test_case_list_covers_the_issue() -> None:
     """The case list names every bad input of issue 6 (a guard against cases silently dropped)."""
     names = " ".join(CASES)
-    for topic in ("wrong_dim_all_rows", "wrong_dim_one_row_in_the_middle", "ragged_767_then_769", "null_rows",
-                  "null_element", "nan_", "pos_inf", "neg_inf", "1e30", "float16", "float64", "int_", "string_",
-                  "object_numpy", "object_python_lists", "object_all_none", "object_mixed", "empty_partition",
-                  "one_row", "index_duplicated", "index_descending", "index_strings", "index_range_with_step",
-                  "slice_", "first_chunk_is_itself_sliced", "multi_chunk_with_empty_chunks",
-                  "passthrough_every_other_dtype", "missing_column", "several_candidate_columns",
-                  "score_column_already_exists", "score_column_is_the_embedding_column"):
+    for topic in (
+        "wrong_dim_all_rows",
+        "wrong_dim_one_row_in_the_middle",
+        "ragged_767_then_769",
+        "null_rows",
+        "null_element",
+        "nan_",
+        "pos_inf",
+        "neg_inf",
+        "1e30",
+        "float16",
+        "float64",
+        "int_",
+        "string_",
+        "object_numpy",
+        "object_python_lists",
+        "object_all_none",
+        "object_mixed",
+        "empty_partition",
+        "one_row",
+        "index_duplicated",
+        "index_descending",
+        "index_strings",
+        "index_range_with_step",
+        "slice_",
+        "first_chunk_is_itself_sliced",
+        "multi_chunk_with_empty_chunks",
+        "passthrough_every_other_dtype",
+        "missing_column",
+        "several_candidate_columns",
+        "score_column_already_exists",
+        "score_column_is_the_embedding_column",
+    ):
         assert topic in names, topic
 
 
@@ -1245,15 +1317,22 @@ def build_partition(p: dict[str, Any], X: np.ndarray) -> Built:
     cuts = _cuts(n, p["n_chunks"], rng)
     col = pa.chunked_array([arr.slice(a, b - a) for a, b in zip(cuts, cuts[1:])], type=arr.type)
     index = _make_index(p["index"], n, rng)
-    df = pd.DataFrame({"tag": np.arange(n, dtype=np.int64), "emb": arrow(col),
-                       "label": pd.array([f"L{i}" for i in range(n)], dtype="str")}, index=index)
+    df = pd.DataFrame(
+        {
+            "tag": np.arange(n, dtype=np.int64),
+            "emb": arrow(col),
+            "label": pd.array([f"L{i}" for i in range(n)], dtype="str"),
+        },
+        index=index,
+    )
     a, b = sorted(int(round(f * n)) for f in p["slice"])
     sl = slice(pre + a, pre + b)
     return Built(df.iloc[a:b], ref[sl], (nulls | nan_row | null_elem_row)[sl])
 
 
-PROPERTY_SETTINGS = settings(max_examples=50, deadline=None,
-                             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @PROPERTY_SETTINGS
@@ -1267,8 +1346,9 @@ def test_property_random_partitions(X: np.ndarray, oracle: Oracle, p: dict[str, 
     _check_passthrough(part, out, "nsfw_score")
     assert out["tag"].to_numpy().tolist() == part["tag"].to_numpy().tolist()  # same order
     big, one = oracle.tables(p["dtype"])
-    assert_scores(out["nsfw_score"].to_numpy(), big[built.ref_rows], one[built.ref_rows], built.nan_rows,
-                  labels=part.index)
+    assert_scores(
+        out["nsfw_score"].to_numpy(), big[built.ref_rows], one[built.ref_rows], built.nan_rows, labels=part.index
+    )
 
 
 @st.composite
@@ -1328,9 +1408,10 @@ def test_property_wrong_length_row_is_named(X: np.ndarray, p: dict[str, Any]) ->
 def _null_string_index_frame(X: np.ndarray, n: int = 500) -> tuple[pd.DataFrame, np.ndarray]:
     nulls = (np.arange(n) % 37 == 5) | (np.arange(n) >= n - 3)
     arr = list_array(X[:n], "list", nulls=nulls)
-    df = pd.DataFrame({"url": [f"https://e.org/{i}.jpg" for i in range(n)], "emb": arrow(arr),
-                       "w": np.arange(n) * 0.5},
-                      index=pd.Index([f"id{i:05d}" for i in range(n)], name="key"))
+    df = pd.DataFrame(
+        {"url": [f"https://e.org/{i}.jpg" for i in range(n)], "emb": arrow(arr), "w": np.arange(n) * 0.5},
+        index=pd.Index([f"id{i:05d}" for i in range(n)], name="key"),
+    )
     return df, nulls
 
 
@@ -1356,7 +1437,7 @@ def test_dask_map_partitions_without_meta(X: np.ndarray, oracle: Oracle, npartit
     assert s.dtype == np.float32
     np.testing.assert_array_equal(np.isnan(s), nulls)
     np.testing.assert_allclose(s[~nulls], eager["nsfw_score"].to_numpy()[~nulls], rtol=0, atol=ATOL)
-    assert_scores(s, oracle.big32[:len(df)], oracle.one32[:len(df)], nulls)
+    assert_scores(s, oracle.big32[: len(df)], oracle.one32[: len(df)], nulls)
 
 
 def test_dask_read_parquet_pyarrow_backend(tmp_path: Path, X: np.ndarray, oracle: Oracle) -> None:
@@ -1379,7 +1460,7 @@ def test_dask_read_parquet_pyarrow_backend(tmp_path: Path, X: np.ndarray, oracle
     s = got["nsfw_score"].to_numpy()
     np.testing.assert_array_equal(np.isnan(s), nulls)
     np.testing.assert_allclose(s[~nulls], eager["nsfw_score"].to_numpy()[~nulls], rtol=0, atol=ATOL)
-    assert_scores(s, oracle.big32[:len(df)], oracle.one32[:len(df)], nulls)
+    assert_scores(s, oracle.big32[: len(df)], oracle.one32[: len(df)], nulls)
 
 
 def test_dask_read_parquet_default_backend_object_column(tmp_path: Path, X: np.ndarray, oracle: Oracle) -> None:
@@ -1390,8 +1471,11 @@ def test_dask_read_parquet_default_backend_object_column(tmp_path: Path, X: np.n
 
     n = 300
     nulls = np.arange(n) % 37 == 5
-    pq.write_table(pa.table({"url": [f"u{i}" for i in range(n)], "emb": list_array(X[:n], nulls=nulls)}),
-                   tmp_path / "a.parquet", row_group_size=64)
+    pq.write_table(
+        pa.table({"url": [f"u{i}" for i in range(n)], "emb": list_array(X[:n], nulls=nulls)}),
+        tmp_path / "a.parquet",
+        row_group_size=64,
+    )
     ddf = dd.read_parquet(tmp_path / "a.parquet", split_row_groups=True)
     assert ddf["emb"].dtype == object and ddf.npartitions > 1
     with dask.config.set(scheduler="sync"):
@@ -1413,7 +1497,7 @@ def test_partition_over_1gb(X: np.ndarray, oracle: Oracle, kind: str) -> None:
     ref = rng.integers(0, N_REF, BIG_ROWS)
     buf = np.empty((BIG_ROWS, DIM), np.float32)
     for a in range(0, BIG_ROWS, 50_000):  # no temporary full-size copy
-        np.take(X, ref[a:a + 50_000], axis=0, out=buf[a:a + 50_000])
+        np.take(X, ref[a : a + 50_000], axis=0, out=buf[a : a + 50_000])
     assert buf.nbytes > 1_000_000_000
     values = pa.array(buf.reshape(-1))  # zero-copy view of buf
     assert values.buffers()[1].address == buf.ctypes.data
@@ -1442,8 +1526,13 @@ JOB, SUCCESS = "_nsfw_dask_job.json", "_SUCCESS"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfw_dask", "score", *args, *CLUSTER],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", "score", *args, *CLUSTER],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=180,
+    )
 
 
 def _error_line(r: subprocess.CompletedProcess) -> str:
@@ -1477,17 +1566,22 @@ def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: n
     src.mkdir()
     for f in range(2):
         n = 100
-        x = X[f * n:(f + 1) * n]
+        x = X[f * n : (f + 1) * n]
         rows: list[Any] = list(x)
         if f == 1:
             rows[78] = x[78, :767]
-        pq.write_table(pa.table({"id": np.arange(f * n, (f + 1) * n), "embedding": ragged_array(rows)}),
-                       src / f"part{f}.parquet", row_group_size=25)
+        pq.write_table(
+            pa.table({"id": np.arange(f * n, (f + 1) * n), "embedding": ragged_array(rows)}),
+            src / f"part{f}.parquet",
+            row_group_size=25,
+        )
     bad = src / "part1.parquet"
     out = tmp_path / "out"
     line = _error_line(_cli(str(src), str(out), "--rows-per-partition", "25"))
-    assert (f"{bad}, rows 75-99 of that file (row numbers count from 0 within the file): "
-            "Column 'embedding': row 78 has 767 values, expected 768") in line, line
+    assert (
+        f"{bad}, rows 75-99 of that file (row numbers count from 0 within the file): "
+        "Column 'embedding': row 78 has 767 values, expected 768"
+    ) in line, line
     # Whatever the other parts did before the failure stopped the run: no _SUCCESS, no
     # temporary, only committed parts, each its file's rows in order with the right scores.
     parts = {f"part.{i:06d}.part{i // 4}.parquet": (i // 4, (i % 4) * 25) for i in range(8)}
@@ -1508,8 +1602,10 @@ def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: n
     # The bad file alone, one part: nothing is committed, and the new OUTPUT and the parent
     # folder the run made for it are removed again.
     line = _error_line(_cli(str(bad), str(tmp_path / "new" / "out")))
-    assert (f"{bad}, rows 0-99 of that file (row numbers count from 0 within the file): "
-            "Column 'embedding': row 78 has 767 values, expected 768") in line, line
+    assert (
+        f"{bad}, rows 0-99 of that file (row numbers count from 0 within the file): "
+        "Column 'embedding': row 78 has 767 values, expected 768"
+    ) in line, line
     assert not (tmp_path / "new").exists()
 
 
@@ -1522,10 +1618,16 @@ def test_cli_null_rows_null_elements_and_an_all_null_file(tmp_path: Path, X: np.
     nulls = _mask(n, [0, 17, 59])
     elem = np.zeros((n, DIM), bool)
     elem[30, 400] = True
-    pq.write_table(pa.table({"id": np.arange(n), "embedding": list_array(X[:n], nulls=nulls, elem_null=elem)}),
-                   src / "part0.parquet", row_group_size=16)
-    pq.write_table(pa.table({"id": np.arange(n, n + 20), "embedding": pa.nulls(20, pa.list_(pa.float32()))}),
-                   src / "part1.parquet", row_group_size=16)
+    pq.write_table(
+        pa.table({"id": np.arange(n), "embedding": list_array(X[:n], nulls=nulls, elem_null=elem)}),
+        src / "part0.parquet",
+        row_group_size=16,
+    )
+    pq.write_table(
+        pa.table({"id": np.arange(n, n + 20), "embedding": pa.nulls(20, pa.list_(pa.float32()))}),
+        src / "part1.parquet",
+        row_group_size=16,
+    )
     out = tmp_path / "out"
     r = _cli(str(src), str(out), "--threshold", "0.5", "--rows-per-partition", "16")
     assert r.returncode == 0, r.stderr

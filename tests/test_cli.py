@@ -25,16 +25,17 @@ CLUSTER = ["--workers", "1", "--threads-per-worker", "1"]
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
 
 
 def write_parquet(path: Path, x: np.ndarray, row_group_size: int = 500) -> pd.DataFrame:
     n, dim = x.shape
-    lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
-                                     pa.array(x.reshape(-1)))
-    table = pa.table({"url": [f"https://e.org/{i}.jpg" for i in range(n)], "id": np.arange(n) * 3,
-                      "embedding": lists})
+    lists = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)), pa.array(x.reshape(-1))
+    )
+    table = pa.table({"url": [f"https://e.org/{i}.jpg" for i in range(n)], "id": np.arange(n) * 3, "embedding": lists})
     pq.write_table(table, path, row_group_size=row_group_size)
     return table.to_pandas()
 
@@ -148,9 +149,24 @@ def test_interrupted_run_keeps_committed_parts_and_resumes(tmp_path, l14_ref, ex
     path = tmp_path / "big.parquet"
     write_parquet(path, l14_ref["inputs"], row_group_size=200)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "nsfw_dask", "score", str(path), str(out), "--batch-size", "1",
-                             "--rows-per-partition", "200", *CLUSTER], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nsfw_dask",
+            "score",
+            str(path),
+            str(out),
+            "--batch-size",
+            "1",
+            "--rows-per-partition",
+            "200",
+            *CLUSTER,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and list(out.glob("part.*.parquet"))):
         assert proc.poll() is None, proc.communicate()
@@ -179,9 +195,10 @@ def _parquet_npy(root: Path, x: np.ndarray, sizes: list[int], dtype=np.float16) 
     (root / "metadata").mkdir()
     start = 0
     for i, n in enumerate(sizes):
-        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start:start + n].astype(dtype))
-        pd.DataFrame({"url": [f"u{j}" for j in range(start, start + n)], "row": np.arange(start, start + n)}
-                     ).to_parquet(root / "metadata" / f"metadata_{i}.parquet")
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start : start + n].astype(dtype))
+        pd.DataFrame(
+            {"url": [f"u{j}" for j in range(start, start + n)], "row": np.arange(start, start + n)}
+        ).to_parquet(root / "metadata" / f"metadata_{i}.parquet")
         start += n
 
 
@@ -218,8 +235,10 @@ def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref):
     x = l14_ref["inputs"][:50]
     rows = [list(r) for r in x]
     rows[3] = rows[17] = None
-    pq.write_table(pa.table({"id": np.arange(50), "embedding": pa.array(rows, type=pa.list_(pa.float32()))}),
-                   tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table({"id": np.arange(50), "embedding": pa.array(rows, type=pa.list_(pa.float32()))}),
+        tmp_path / "in.parquet",
+    )
     r = run_cli("score", str(tmp_path / "in.parquet"), str(tmp_path / "o"), "--threshold", "0.5", *CLUSTER)
     assert r.returncode == 0, r.stderr
     assert "NaN scores       2" in r.stdout

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import nsfw_dask
-from nsfw_dask import _compat, io as nio, score, score_nsfw
+from nsfw_dask import _compat, score, score_nsfw
+from nsfw_dask import io as nio
 from nsfw_dask.exceptions import EmbeddingFormatError
 
 PACKAGE = Path(nsfw_dask.__file__).parent
@@ -38,10 +39,12 @@ def _no_model_loaded():
 def _frames(n: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The same rows with an Arrow list column and with an object column of arrays."""
     x = np.random.default_rng(0).standard_normal((n, 768)).astype(np.float32)
-    arrow = pd.DataFrame({
-        "id": np.arange(n),
-        "embedding": pd.arrays.ArrowExtensionArray(pa.array(list(x), type=pa.list_(pa.float32()))),
-    })
+    arrow = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "embedding": pd.arrays.ArrowExtensionArray(pa.array(list(x), type=pa.list_(pa.float32()))),
+        }
+    )
     obj = arrow.assign(embedding=pd.Series(list(x), dtype=object))
     return arrow, obj
 
@@ -75,8 +78,7 @@ def test_meta_inference_detected_on_cpu() -> None:
         calls.clear()
         out = ddf.map_partitions(fn)  # no meta=: dask calls fn on its fake partition now
         assert calls and all(detected for detected, _ in calls), (
-            f"dask {version('dask')}: map_partitions meta inference is no longer seen "
-            f"({calls}); see nsfw_dask._compat"
+            f"dask {version('dask')}: map_partitions meta inference is no longer seen ({calls}); see nsfw_dask._compat"
         )
         out.compute(scheduler="threads")
         assert sum(is_real for _, is_real in calls) == 2

@@ -175,8 +175,9 @@ CLI_ALONE = textwrap.dedent("""
 
 
 def test_cli_module_imports_nothing_heavy():
-    r = subprocess.run([sys.executable, "-c", CLI_ALONE, str(ROOT / "nsfw_dask")], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", CLI_ALONE, str(ROOT / "nsfw_dask")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "[0, 0, 0, 0] []", r.stderr
 
@@ -185,16 +186,21 @@ def imported_packages(*args: str) -> set[str]:
     """Top-level packages a Python run imports (``python -X importtime``); it must exit 0."""
     r = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {ln.rsplit("|", 1)[-1].strip().split(".")[0] for ln in r.stderr.splitlines()
-            if ln.startswith("import time:") and "|" in ln}
+    return {
+        ln.rsplit("|", 1)[-1].strip().split(".")[0]
+        for ln in r.stderr.splitlines()
+        if ln.startswith("import time:") and "|" in ln
+    }
 
 
 @BOTH
 def test_help_does_not_import_torch(prog):
     """The whole command, as a user runs it: the console script's or dask's help."""
     if "torch" in imported_packages("-c", "import nsfw_dask"):
-        pytest.xfail("nsfw_dask/__init__.py imports torch (through its eager imports), so any import "
-                     "of nsfw_dask.cli does; cli.py itself does not (test_cli_module_imports_nothing_heavy)")
+        pytest.xfail(
+            "nsfw_dask/__init__.py imports torch (through its eager imports), so any import "
+            "of nsfw_dask.cli does; cli.py itself does not (test_cli_module_imports_nothing_heavy)"
+        )
     assert "torch" not in imported_packages(*prog[1:], "--help")
     assert "torch" not in imported_packages(*prog[1:], "score", "--help")
 
@@ -212,8 +218,9 @@ def _parquet_npy(root: Path, rows: list[int], dim: int = 768) -> Path:
         x = rng.standard_normal((n, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         np.save(root / "img_emb" / f"img_emb_{i}.npy", x.astype(np.float16))
-        pd.DataFrame({"url": [f"u{j}" for j in range(start, start + n)], "row": np.arange(start, start + n)}
-                     ).to_parquet(root / "metadata" / f"metadata_{i}.parquet")
+        pd.DataFrame(
+            {"url": [f"u{j}" for j in range(start, start + n)], "row": np.arange(start, start + n)}
+        ).to_parquet(root / "metadata" / f"metadata_{i}.parquet")
         start += n
     return root
 
@@ -248,8 +255,12 @@ def test_dask_nsfw_ctrl_c_exits_130_and_nsfw_dask_resumes(tmp_path):
     src = _parquet_npy(tmp_path / "laion", [10_000, 10_000])
     opts = ["--rows-per-partition", "100", *CLUSTER]
     out = tmp_path / "out"
-    proc = subprocess.Popen([*DASK_NSFW, "score", str(src), str(out), "--batch-size", "1", *opts],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*DASK_NSFW, "score", str(src), str(out), "--batch-size", "1", *opts],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not (out.exists() and list(out.glob("part.*.parquet"))):
         assert proc.poll() is None, proc.communicate()

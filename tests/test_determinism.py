@@ -38,13 +38,13 @@ from pathlib import Path
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 
 import nsfw_dask
-from _frames import make_frame
 from nsfw_dask import model_cache_info, score_nsfw
+
+from _frames import make_frame
 
 pytestmark = [pytest.mark.weights, pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")]
 
@@ -175,7 +175,10 @@ def test_subprocess_matches(tmp_path: Path, l14_ref, serial):
     threads = torch.get_num_threads()
     r = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "x.npy"), str(tmp_path / "out.npz"), str(threads)],
-        capture_output=True, text=True, timeout=180, env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ),
     )
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "out.npz") as got:
@@ -187,8 +190,7 @@ def test_subprocess_matches(tmp_path: Path, l14_ref, serial):
 def _per_partition_serial(frame: pd.DataFrame, lengths: list[int], bs: int | None) -> np.ndarray:
     bounds = np.cumsum([0, *lengths])
     assert bounds[-1] == len(frame)
-    return np.concatenate([scores(score_nsfw(frame.iloc[a:b], batch_size=bs))
-                           for a, b in zip(bounds[:-1], bounds[1:])])
+    return np.concatenate([scores(score_nsfw(frame.iloc[a:b], batch_size=bs)) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 @pytest.mark.parametrize("bs", [7, None])
@@ -208,8 +210,10 @@ def test_dask_threaded_scheduler_matches_serial(frame, bs):
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as c:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -224,9 +228,12 @@ def test_localcluster_matches_serial(client, frame, bs):
     threads = client.run(torch.get_num_threads)
     info = client.run(model_cache_info)
     assert all(v["loads"] <= 1 for v in info.values()), info
-    assert_bitwise(scores(got), want,
-                   f"LocalCluster workers (torch threads {sorted(set(threads.values()))}) vs this "
-                   f"process ({torch.get_num_threads()}), batch {bs}")
+    assert_bitwise(
+        scores(got),
+        want,
+        f"LocalCluster workers (torch threads {sorted(set(threads.values()))}) vs this "
+        f"process ({torch.get_num_threads()}), batch {bs}",
+    )
 
 
 @pytest.mark.parametrize("bs", [1, 5, 7, 1024])

@@ -5,21 +5,25 @@ from __future__ import annotations
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 from distributed import Client, LocalCluster
 
 import nsfw_dask
-from _frames import make_frame
 from nsfw_dask import NSFWModelPlugin, model_cache_info, score_nsfw
+
+from _frames import make_frame
 
 pytestmark = [pytest.mark.weights, pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")]
 
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0",
-                      worker_dashboard_address=":0") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0", worker_dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -52,8 +56,7 @@ def test_plugin_preloads_every_worker(client, l14_ref):
     client.register_plugin(NSFWModelPlugin("vit-l-14", device="cpu"))
     info = client.run(model_cache_info)
     assert all(v["loads"] == 1 for v in info.values()), info
-    assert all(v["models"][0]["device"] == "cpu" and v["models"][0]["model"] == "vit-l-14"
-               for v in info.values())
+    assert all(v["models"][0]["device"] == "cpu" and v["models"][0]["model"] == "vit-l-14" for v in info.values())
     df = _frame(l14_ref["inputs"][:600])
     dd.from_pandas(df, npartitions=12, sort=False).map_partitions(score_nsfw).compute()
     assert all(v["loads"] == 1 for v in client.run(model_cache_info).values())

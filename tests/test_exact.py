@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REFERENCE_DIR, WEIGHTS_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsfw_dask
-from _frames import embedding_array, make_frame
 from nsfw_dask import NSFWScorer, score_nsfw
 from nsfw_dask.exact import (
     CategoricalEncoding,
@@ -41,7 +41,7 @@ from nsfw_dask.exact import (
 from nsfw_dask.exceptions import WeightsIntegrityError, WeightsNotFoundError
 from nsfw_dask.models import MODEL_SPECS
 
-from conftest import REFERENCE_DIR, WEIGHTS_DIR
+from _frames import embedding_array, make_frame
 
 pytestmark = pytest.mark.weights
 
@@ -60,7 +60,9 @@ def head(request: pytest.FixtureRequest) -> dict:
     tag, model = request.param
     ref, special = _npz(f"{tag}_reference.npz"), _npz(f"{tag}_special.npz")
     return {
-        "tag": tag, "model": model, "spec": MODEL_SPECS[model],
+        "tag": tag,
+        "model": model,
+        "spec": MODEL_SPECS[model],
         "x": np.concatenate([ref["inputs"], special["inputs"]]),
         "keras": np.concatenate([ref["keras_scores"], special["keras_scores"]]).astype(np.float64),
         "n_special": len(special["keras_scores"]),
@@ -69,8 +71,10 @@ def head(request: pytest.FixtureRequest) -> dict:
 
 def _frame(x: np.ndarray, pa_type: pa.DataType | None = None) -> pd.DataFrame:
     emb = embedding_array(x, pa_type or pa.list_(pa.from_numpy_dtype(x.dtype)))
-    return make_frame({"id": [f"r{i}" for i in range(len(x))], "emb": emb},
-                 index=pd.Index([f"k{i}" for i in range(len(x))], name="key"))
+    return make_frame(
+        {"id": [f"r{i}" for i in range(len(x))], "emb": emb},
+        index=pd.Index([f"k{i}" for i in range(len(x))], name="key"),
+    )
 
 
 def _assert_matches_keras(got: np.ndarray, keras: np.ndarray) -> None:
@@ -82,6 +86,7 @@ def _assert_matches_keras(got: np.ndarray, keras: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------- vocabularies from the zip
+
 
 def test_reader_matches_tensorflow_export(head: dict) -> None:
     """Our protobuf reader gives exactly TensorFlow's exported vocabularies, column by column."""
@@ -145,7 +150,8 @@ def test_wrong_zip_is_refused(tmp_path: Path, monkeypatch) -> None:
     assert WEIGHTS_DIR is not None
     spec = MODEL_SPECS["vit-b-32"]
     (tmp_path / spec.keras.filename).write_bytes(
-        (WEIGHTS_DIR / MODEL_SPECS["vit-l-14"].keras.filename).read_bytes())  # the other head's zip
+        (WEIGHTS_DIR / MODEL_SPECS["vit-l-14"].keras.filename).read_bytes()
+    )  # the other head's zip
     monkeypatch.delenv("NSFW_DASK_MODEL_DIR", raising=False)
     monkeypatch.setenv("NSFW_DASK_CACHE_DIR", str(tmp_path / "empty-cache"))  # no cached vocabulary
     clear_vocabulary_cache()
@@ -155,6 +161,7 @@ def test_wrong_zip_is_refused(tmp_path: Path, monkeypatch) -> None:
 
 
 # ---------------------------------------------------------------- '%f' intervals and the lookup
+
 
 def test_intervals_agree_with_python_formatting(head: dict) -> None:
     """Every interval's ends format to the string; the next float outside does not."""
@@ -168,12 +175,15 @@ def test_intervals_agree_with_python_formatting(head: dict) -> None:
             assert "%f" % math.nextafter(hi, math.inf) != s
 
 
-@pytest.mark.parametrize("s, inside, outside", [
-    ("0.007812", [0.0078125, 0.0078116, 0.0078124999], [0.0078115, 0.0078126]),  # tie 1/128 -> even 2
-    ("0.007813", [0.0078134999], [0.0078125]),                      # ... so not 3
-    ("-0.023438", [-0.0234375], [-0.0234385]),                      # -3/128: tie -> even 8
-    ("1.000000", [1.0, 0.9999995000000001, 1.0000004999], [1.0000005000000001]),
-])
+@pytest.mark.parametrize(
+    "s, inside, outside",
+    [
+        ("0.007812", [0.0078125, 0.0078116, 0.0078124999], [0.0078115, 0.0078126]),  # tie 1/128 -> even 2
+        ("0.007813", [0.0078134999], [0.0078125]),  # ... so not 3
+        ("-0.023438", [-0.0234375], [-0.0234385]),  # -3/128: tie -> even 8
+        ("1.000000", [1.0, 0.9999995000000001, 1.0000004999], [1.0000005000000001]),
+    ],
+)
 def test_interval_ties(s: str, inside: list[float], outside: list[float]) -> None:
     lo, hi = float_interval(s)
     for v in inside:
@@ -200,8 +210,27 @@ def _python_codes(strings: list[str], values: np.ndarray) -> np.ndarray:
 def test_signed_zero_nan_inf_lookup() -> None:
     strings = ["0.000000", "-0.000000", "0.000001", "-0.000001", "0.500000"]
     enc = _encoding(strings)
-    values = np.array([0.0, -0.0, 4.9e-7, -4.9e-7, 5.1e-7, -5.1e-7, 1e-6, np.nan, -np.nan,
-                       np.inf, -np.inf, 0.5, 1e30, -1e30, 5e-324, -5e-324], dtype=np.float64)
+    values = np.array(
+        [
+            0.0,
+            -0.0,
+            4.9e-7,
+            -4.9e-7,
+            5.1e-7,
+            -5.1e-7,
+            1e-6,
+            np.nan,
+            -np.nan,
+            np.inf,
+            -np.inf,
+            0.5,
+            1e30,
+            -1e30,
+            5e-324,
+            -5e-324,
+        ],
+        dtype=np.float64,
+    )
     got = enc.codes(torch.from_numpy(values).view(-1, 1)).view(-1).numpy()
     np.testing.assert_array_equal(got, _python_codes(strings, values))
     assert list(got[:4]) == [1, 2, 1, 2] and got[7] == 0 and got[9] == 0
@@ -231,7 +260,7 @@ def test_lookup_equals_python_formatting_near_every_boundary(data: st.DataObject
 
 def test_encoding_forward_imputes_nan_and_keeps_inf(head: dict) -> None:
     model = nsfw_dask.load_model(head["model"], exact=True)
-    x = torch.from_numpy(head["x"][-head["n_special"]:])
+    x = torch.from_numpy(head["x"][-head["n_special"] :])
     enc = model.encoding(x)
     cols = list(head["spec"].keras.columns)
     other = [c for c in range(x.shape[1]) if c not in cols]
@@ -240,11 +269,12 @@ def test_encoding_forward_imputes_nan_and_keeps_inf(head: dict) -> None:
     assert not torch.isnan(enc).any()
     assert torch.equal(torch.isinf(xo), torch.isinf(eo))
     np.testing.assert_array_equal(
-        enc[:, cols].numpy(),
-        np.stack([model.encoding.codes(x)[:, j].numpy() for j in range(len(cols))], axis=1))
+        enc[:, cols].numpy(), np.stack([model.encoding.codes(x)[:, j].numpy() for j in range(len(cols))], axis=1)
+    )
 
 
 # ---------------------------------------------------------------- parity with the original model
+
 
 @pytest.mark.parametrize("batch_size", [1, 37, 1024])
 def test_score_nsfw_exact_matches_keras_on_every_row(head: dict, batch_size: int) -> None:
@@ -273,8 +303,11 @@ def test_exact_input_dtypes_and_list_types(head: dict) -> None:
         x16 = head["x"].astype(np.float16)
     ref = score_nsfw(_frame(x16.astype(np.float32)), model=head["model"], exact=True)["nsfw_score"]
     dim = x16.shape[1]
-    for frame in (_frame(x16), _frame(x16.astype(np.float64)),
-                  _frame(x16.astype(np.float32), pa.list_(pa.float32(), dim))):
+    for frame in (
+        _frame(x16),
+        _frame(x16.astype(np.float64)),
+        _frame(x16.astype(np.float32), pa.list_(pa.float32(), dim)),
+    ):
         got = score_nsfw(frame, model=head["model"], exact=True)["nsfw_score"]
         np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=0, atol=1e-6, equal_nan=True)
 
@@ -313,6 +346,7 @@ def test_exact_type_checked() -> None:
 
 # ---------------------------------------------------------------- CLI
 
+
 def test_cli_exact(tmp_path: Path, head: dict) -> None:
     """``score --exact``: a finished OUTPUT (``_SUCCESS``), one part per 100-row group in input
     order, the id and LAION's score of every row, the embeddings not written again."""
@@ -321,10 +355,27 @@ def test_cli_exact(tmp_path: Path, head: dict) -> None:
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "nsfw_dask", "score", str(tmp_path / "in.parquet"), str(out),
-         "--exact", "--model", head["model"], "--rows-per-partition", "100",
-         "--workers", "1", "--threads-per-worker", "1", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "nsfw_dask",
+            "score",
+            str(tmp_path / "in.parquet"),
+            str(out),
+            "--exact",
+            "--model",
+            head["model"],
+            "--rows-per-partition",
+            "100",
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     parts = [f"part.{i:06d}.in.parquet" for i in range(3)]
@@ -363,9 +414,9 @@ def test_lazy_and_eager_nan_imputation_agree(head: dict) -> None:
 def test_savedmodel_zip_download_is_verified(tmp_path: Path, monkeypatch) -> None:
     """The zip comes through the weights' machinery: downloaded once into the user cache,
     SHA-256 checked (a wrong file is never saved), then found without the network."""
-    from _http import LocalServer
-
     from nsfw_dask.weights import resolve_file
+
+    from _http import LocalServer
 
     assert WEIGHTS_DIR is not None
     keras = MODEL_SPECS["vit-b-32"].keras
@@ -393,8 +444,13 @@ def test_cli_fetch_weights_exact_caches_the_vocabulary(tmp_path: Path) -> None:
     import os
 
     env = {**os.environ, "NSFW_DASK_CACHE_DIR": str(tmp_path / "cache"), "NSFW_DASK_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "nsfw_dask", "fetch-weights", "--exact", "--model", "vit-b-32"],
-                       capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--exact", "--model", "vit-b-32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     assert lines[0].endswith("clip_ViT-B-32_openai_binary_nsfw_head.pth")

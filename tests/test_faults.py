@@ -272,8 +272,14 @@ def small_frame(x: np.ndarray) -> pd.DataFrame:
 
 @pytest.mark.parametrize("where", ["model_dir", "env_dir"])
 def test_bad_weights_in_model_dir_or_env_dir_are_refused(
-    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_good: LocalServer,
-    torch_loads: list[str], bad_bytes: bytes, l14_bytes: bytes, l14_ref,
+    where: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_good: LocalServer,
+    torch_loads: list[str],
+    bad_bytes: bytes,
+    l14_bytes: bytes,
+    l14_ref,
 ) -> None:
     bad = put(tmp_path / "bad", bad_bytes)
     mtime = bad.stat().st_mtime_ns
@@ -308,8 +314,12 @@ def test_bad_weights_in_model_dir_or_env_dir_are_refused(
 
 
 def test_bad_weights_in_user_cache_online_are_replaced(
-    monkeypatch: pytest.MonkeyPatch, serve_good: LocalServer, torch_loads: list[str],
-    bad_bytes: bytes, l14_bytes: bytes, l14_ref,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_good: LocalServer,
+    torch_loads: list[str],
+    bad_bytes: bytes,
+    l14_bytes: bytes,
+    l14_ref,
 ) -> None:
     monkeypatch.delenv("NSFW_DASK_MODEL_DIR", raising=False)
     monkeypatch.setenv("NSFW_DASK_OFFLINE", "0")
@@ -328,7 +338,10 @@ def test_bad_weights_in_user_cache_online_are_replaced(
 
 
 def test_bad_weights_in_user_cache_offline_are_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch, torch_loads: list[str], bad_bytes: bytes, l14_ref,
+    monkeypatch: pytest.MonkeyPatch,
+    torch_loads: list[str],
+    bad_bytes: bytes,
+    l14_ref,
 ) -> None:
     monkeypatch.delenv("NSFW_DASK_MODEL_DIR", raising=False)
     cache = nsfw_dask.cache_dir()
@@ -345,7 +358,7 @@ def test_bad_weights_in_user_cache_offline_are_a_clear_error(
 
 
 def test_offline_error_names_the_rejected_cached_file(monkeypatch: pytest.MonkeyPatch, l14_bytes: bytes) -> None:
-    """"No weights in <cache>" while a (rejected) file sits there must say which file and why:
+    """ "No weights in <cache>" while a (rejected) file sits there must say which file and why:
     on a Dask worker the warning that does say it goes to the worker's log, not to the user."""
     monkeypatch.delenv("NSFW_DASK_MODEL_DIR", raising=False)
     bad = put(nsfw_dask.cache_dir(), l14_bytes[:1000])
@@ -419,9 +432,17 @@ def test_processes_replacing_a_corrupt_cached_file_download_once(tmp_path: Path,
                     bad.append(f"unexpected file {name}")
             time.sleep(0.002)
 
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD_LOAD, str(sync / f"ready{i}"), str(sync / "go"), url],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD_LOAD, str(sync / f"ready{i}"), str(sync / "go"), url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
+        )
+        for i in range(n)
+    ]
     watcher = threading.Thread(target=watch, daemon=True)
     try:
         deadline = time.monotonic() + 90
@@ -442,7 +463,7 @@ def test_processes_replacing_a_corrupt_cached_file_download_once(tmp_path: Path,
             watcher.join(5)
         srv.stop()
 
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert srv.hits["/l14.pth"] == 1
@@ -450,7 +471,7 @@ def test_processes_replacing_a_corrupt_cached_file_download_once(tmp_path: Path,
         assert r["path"] == str(target)
         assert r["loads"] == 1
         assert r["loaded"] == [L14.sha256], r  # one torch.load each, of the pinned bytes only
-    (start, end), = srv.spans
+    ((start, end),) = srv.spans
     assert all(r["t0"] < end for r in results), "the processes did not overlap the download"
     assert not bad, bad
     # The reader saw the old file, the download in progress, then only the complete new file.
@@ -538,8 +559,10 @@ def test_worker_killed_mid_run_output_identical_and_one_load_per_process(tmp_pat
     for k in range(N_PARTS):
         a, b = bounds[k], bounds[k + 1]
         pd.DataFrame(
-            {"id": np.arange(a, b) * 3,
-             "embedding": pd.arrays.ArrowExtensionArray(pa.array(list(x[a:b]), type=pa.list_(pa.float32())))},
+            {
+                "id": np.arange(a, b) * 3,
+                "embedding": pd.arrays.ArrowExtensionArray(pa.array(list(x[a:b]), type=pa.list_(pa.float32()))),
+            },
             index=pd.Index([f"img-{j:05d}" for j in range(a, b)], name="key"),
         ).to_parquet(src / f"part.{k:03d}.parquet")
     ddf = dd.read_parquet(str(src), dtype_backend="pyarrow")
@@ -550,8 +573,10 @@ def test_worker_killed_mid_run_output_identical_and_one_load_per_process(tmp_pat
         d.mkdir()
     batch = 16  # ~67-row partitions: 4 batches of 16 and a short one
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         try:
             # 1. Undisturbed run on the same cluster (same processes' thread counts, same batches).
             calm = ddf.map_partitions(_make_scorer(str(runs["calm"]), False, batch), meta=meta)
@@ -586,11 +611,14 @@ def test_worker_killed_mid_run_output_identical_and_one_load_per_process(tmp_pat
 
             addrs_after = _wait_for(replaced, 120, "the nanny's replacement worker")
             assert len(addrs_after - addrs_before) == 1
-            new_addr, = addrs_after - addrs_before
+            (new_addr,) = addrs_after - addrs_before
             new_pid = client.run(os.getpid, workers=[new_addr])[new_addr]
             # The gate lets every process finish one partition: the replacement's comes first.
-            _wait_for(lambda: any(p == new_pid for p, _ in _markers(killed_dir, "done")), 120,
-                      "the replacement worker to finish a partition")
+            _wait_for(
+                lambda: any(p == new_pid for p, _ in _markers(killed_dir, "done")),
+                120,
+                "the replacement worker to finish a partition",
+            )
             assert not fut.done()  # the job was still running when the worker died
         finally:
             (runs["killed"] / "go").touch()  # never leave tasks waiting, whatever happened
@@ -611,8 +639,10 @@ def test_worker_killed_mid_run_output_identical_and_one_load_per_process(tmp_pat
     assert set(infos) == addrs_after
     assert {a: v["loads"] for a, v in infos.items()} == {a: 1 for a in addrs_after}, infos
     assert infos[new_addr]["pid"] == new_pid
-    print(f"killed worker {pid} after partitions {sorted(victim_done)}, inside {sorted(victim_busy)}; "
-          f"replacement {new_pid} ran {sorted(i for p, i in done if p == new_pid)}")
+    print(
+        f"killed worker {pid} after partitions {sorted(victim_done)}, inside {sorted(victim_busy)}; "
+        f"replacement {new_pid} ran {sorted(i for p, i in done if p == new_pid)}"
+    )
 
     # The output is the undisturbed run's output: same files, rows, order, index, bits.
     calm_out, killed_out = tmp_path / "out-calm", tmp_path / "out-killed"
@@ -656,10 +686,14 @@ def _cli_data(tmp_path: Path, l14_ref) -> CliData:
     offset = 0
     for k, chunk in enumerate(np.array_split(x, N_FILES)):
         m = len(chunk)
-        lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32)),
-                                         pa.array(chunk.reshape(-1)))
-        pq.write_table(pa.table({"id": np.arange(m) + k * 10_000, "embedding": lists}), src / f"{k}.parquet",
-                       row_group_size=ROWS_PER_PART)
+        lists = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32)), pa.array(chunk.reshape(-1))
+        )
+        pq.write_table(
+            pa.table({"id": np.arange(m) + k * 10_000, "embedding": lists}),
+            src / f"{k}.parquet",
+            row_group_size=ROWS_PER_PART,
+        )
         for a in range(0, m, ROWS_PER_PART):  # a part per row group: a part never spans two files
             parts[f"part.{len(parts):06d}.{k}.parquet"] = (k, a, min(m, a + ROWS_PER_PART), offset)
         offset += m
@@ -668,14 +702,25 @@ def _cli_data(tmp_path: Path, l14_ref) -> CliData:
 
 
 def _score_cmd(data: CliData, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "nsfw_dask", "score", str(data.src), str(out),
-            "--rows-per-partition", str(ROWS_PER_PART), *CLUSTER, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "nsfw_dask",
+        "score",
+        str(data.src),
+        str(out),
+        "--rows-per-partition",
+        str(ROWS_PER_PART),
+        *CLUSTER,
+        *extra,
+    ]
 
 
 def _start_cli(data: CliData, out: Path, *extra: str) -> subprocess.Popen:
     """The CLI in a session (and process group) of its own, whose id is its pid."""
-    return subprocess.Popen(_score_cmd(data, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        _score_cmd(data, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _run_cli(data: CliData, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -714,8 +759,9 @@ def _check_part(path: Path, data: CliData) -> None:
     assert t.column_names == ["id", "nsfw_score"], (path.name, t.column_names)
     assert t.schema.field("nsfw_score").type == pa.float32()
     np.testing.assert_array_equal(t["id"].to_numpy(), k * 10_000 + np.arange(a, b), err_msg=path.name)
-    np.testing.assert_allclose(t["nsfw_score"].to_numpy(), data.scores[offset + a: offset + b], rtol=0, atol=1e-5,
-                               err_msg=path.name)
+    np.testing.assert_allclose(
+        t["nsfw_score"].to_numpy(), data.scores[offset + a : offset + b], rtol=0, atol=1e-5, err_msg=path.name
+    )
 
 
 def _check_finished(out: Path, data: CliData) -> None:
@@ -780,8 +826,11 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], object], what: str, *
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
-        _wait_for(lambda: all(_dead(c.pid) for c in children), 30,
-                  f"the killed CLI's worker processes {[c.pid for c in children]} to exit")
+        _wait_for(
+            lambda: all(_dead(c.pid) for c in children),
+            30,
+            f"the killed CLI's worker processes {[c.pid for c in children]} to exit",
+        )
         _wait_for(lambda: not _group_alive(proc.pid), 30, "every process of the killed CLI's group to exit")
     finally:
         with contextlib.suppress(ProcessLookupError):  # never leave a process behind, pass or fail
@@ -835,7 +884,8 @@ def test_cli_sigkill_during_overwrite_never_leaves_a_finished_looking_output(tmp
 
     def new_part_committed() -> bool:
         return SUCCESS not in names(out) and any(
-            i is not None and i not in old for i in map(_ident, out.glob("part.*.parquet")))
+            i is not None and i not in old for i in map(_ident, out.glob("part.*.parquet"))
+        )
 
     _kill_when(proc, new_part_committed, "the --overwrite run to commit a part", group=False)
     committed, temps = _check_killed(out, data)

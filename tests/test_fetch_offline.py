@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-from _http import loopback_only
 
 import nsfw_dask
 import nsfw_dask.models
@@ -36,6 +35,8 @@ from nsfw_dask import (
     resolve_weights,
 )
 from nsfw_dask.weights import sha256_file
+
+from _http import loopback_only
 
 pytestmark = pytest.mark.weights
 
@@ -184,10 +185,18 @@ def test_download_weights_on_node_tampered_file_offline_uses_the_local_copy(
 
 def test_cli_fetch_weights_copies_a_local_verified_file(tmp_path: Path, weights_dir: Path) -> None:
     target = tmp_path / "node" / "models"
-    env = cli_env(NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_OFFLINE="1",
-                  NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-m", "nsfw_dask", "fetch-weights", "--model-dir", str(target)],
-                       check=False, capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
+    env = cli_env(
+        NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_OFFLINE="1", NSFW_DASK_CACHE_DIR=str(tmp_path / "cache")
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--model-dir", str(target)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == target / L14.filename
     assert sha256_file(target / L14.filename) == L14.sha256
@@ -214,12 +223,20 @@ def test_concurrent_copies_into_one_folder(tmp_path: Path, weights_dir: Path) ->
     target = tmp_path / "shared-models"
     sync = tmp_path / "sync"
     sync.mkdir()
-    env = cli_env(NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_OFFLINE="1",
-                  NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"))
-    procs = [subprocess.Popen([sys.executable, "-c", COPY_CHILD, str(sync / f"ready{i}"), str(sync / "go"),
-                               str(target)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
-             for i in range(n)]
+    env = cli_env(
+        NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_OFFLINE="1", NSFW_DASK_CACHE_DIR=str(tmp_path / "cache")
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", COPY_CHILD, str(sync / f"ready{i}"), str(sync / "go"), str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
+        )
+        for i in range(n)
+    ]
     try:
         deadline = time.monotonic() + 120
         while not all((sync / f"ready{i}").exists() for i in range(n)):
@@ -282,8 +299,9 @@ def test_fetch_weights_unreachable_url_is_one_line_with_the_fix(
     assert names(target) == {"notes.txt"}
 
 
-def test_fetch_weights_with_url_does_not_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              weights_dir: Path) -> None:
+def test_fetch_weights_with_url_does_not_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights_dir: Path
+) -> None:
     # An explicit mirror is an explicit request to download from it.
     monkeypatch.setenv("NSFW_DASK_MODEL_DIR", str(weights_dir))
     with pytest.raises(WeightsNotFoundError):
@@ -328,8 +346,11 @@ def test_cli_fetch_weights_offline_no_copy(tmp_path: Path, how: str) -> None:
     target = tmp_path / "node" / "models"
     (tmp_path / "empty").mkdir()
     if how == "dns-failure":  # the pinned URL, on a machine without name resolution
-        env = cli_env(NSFW_DASK_MODEL_DIR=str(tmp_path / "empty"), NSFW_DASK_OFFLINE="1",
-                      NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"))
+        env = cli_env(
+            NSFW_DASK_MODEL_DIR=str(tmp_path / "empty"),
+            NSFW_DASK_OFFLINE="1",
+            NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"),
+        )
         cmd = [sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--model-dir", str(target)]
         url, cause = L14.url, "Name or service not known"
     else:
@@ -347,8 +368,15 @@ def test_cli_fetch_weights_dns_failure_copies_when_env_dir_has_it(tmp_path: Path
     """The issue's machine: no name resolution, NSFW_DASK_MODEL_DIR holding the verified file."""
     target = tmp_path / "models"
     env = cli_env(NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--model-dir", str(target)],
-                       check=False, capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--model-dir", str(target)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == target / L14.filename
     assert hashlib.sha256((target / L14.filename).read_bytes()).hexdigest() == L14.sha256

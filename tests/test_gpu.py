@@ -128,9 +128,7 @@ def _expected(model: str, ref: dict[str, np.ndarray], weights_dir: Path) -> np.n
 
 
 @pytest.mark.parametrize("batch_size", [None, 1000])
-def test_l14_matches_nemo_reference(
-    cudf: Any, l14_ref: dict[str, np.ndarray], batch_size: int | None
-) -> None:
+def test_l14_matches_nemo_reference(cudf: Any, l14_ref: dict[str, np.ndarray], batch_size: int | None) -> None:
     x = l14_ref["inputs"]
     n = len(x)
     index = np.arange(n, dtype=np.int64)[::-1] * 3 + 100  # non-default, descending
@@ -332,6 +330,7 @@ def test_empty_partition(cudf: Any, l14_ref: dict[str, np.ndarray]) -> None:
 
 def test_dask_cudf_map_partitions_without_meta(cudf: Any, l14_ref: dict[str, np.ndarray]) -> None:
     import dask
+
     dask_cudf = pytest.importorskip("dask_cudf")
 
     x = l14_ref["inputs"][:500]
@@ -364,8 +363,9 @@ def test_dask_cudf_map_partitions_without_meta(cudf: Any, l14_ref: dict[str, np.
             np.testing.assert_array_equal(res.index.to_numpy(), single.index.to_numpy())
             np.testing.assert_array_equal(_host(res["id"]), _host(single["id"]))
             assert res["nsfw_score"].dtype == np.dtype("float32")
-            np.testing.assert_allclose(_host(res["nsfw_score"]), _host(single["nsfw_score"]),
-                                       rtol=0, atol=1e-6, equal_nan=True)
+            np.testing.assert_allclose(
+                _host(res["nsfw_score"]), _host(single["nsfw_score"]), rtol=0, atol=1e-6, equal_nan=True
+            )
     got = _host(single["nsfw_score"])
     assert np.isnan(got[[17, 250]]).all()
 

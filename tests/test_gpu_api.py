@@ -35,8 +35,7 @@ def _assert_params(func: Any, names: list[str], api: str, lib: str) -> None:
     params = _params(func)
     missing = [n for n in names if n not in params]
     assert not missing, (
-        f"{api} no longer accepts {missing} in {_version(lib)}; its signature is "
-        f"{inspect.signature(func)}"
+        f"{api} no longer accepts {missing} in {_version(lib)}; its signature is {inspect.signature(func)}"
     )
 
 
@@ -67,7 +66,9 @@ def _run_python(code: str) -> None:
     """Run ``code`` in a fresh interpreter (clean ``sys.modules`` and dispatch state)."""
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -82,8 +83,15 @@ def test_backend_modules_import(cudf: Any) -> None:
     for name in ("default_device", "resolve_column", "to_segments", "attach"):
         assert callable(getattr(backend.CudfBackend, name, None)), f"CudfBackend.{name} missing"
     assert backend.CudfBackend.name == "cudf"
-    for name in ("cuda_available", "local_cuda_cluster", "use_rmm_for_torch", "cuda_cluster_options",
-                 "check_cuda_workers", "cuda_worker_options", "release_gpu_buffers"):
+    for name in (
+        "cuda_available",
+        "local_cuda_cluster",
+        "use_rmm_for_torch",
+        "cuda_cluster_options",
+        "check_cuda_workers",
+        "cuda_worker_options",
+        "release_gpu_buffers",
+    ):
         assert callable(getattr(gpu, name, None)), f"nsfw_dask.gpu.{name} missing"
 
 
@@ -144,8 +152,7 @@ def test_dispatch_in_process(cudf: Any) -> None:
     from nsfw_dask.dispatch import backend_dispatch
 
     assert backend_dispatch.dispatch(cudf.DataFrame) is nsfw_dask._cudf._cudf_backend, (
-        f"cudf.DataFrame does not dispatch to the cuDF backend ({_version('dask')}, "
-        f"{_version('cudf')})"
+        f"cudf.DataFrame does not dispatch to the cuDF backend ({_version('dask')}, {_version('cudf')})"
     )
     assert backend_dispatch.dispatch(pd.DataFrame)(None).name == "pandas"
     assert cudf.DataFrame.__module__.partition(".")[0] == "cudf", (
@@ -178,8 +185,12 @@ def test_float_list_dtype_predicate(cudf: Any) -> None:
 
     assert _is_float_list_dtype(cudf.ListDtype("float32"))
     assert _is_float_list_dtype(cudf.ListDtype("float64"))
-    for dtype in (np.dtype("float32"), cudf.ListDtype("int64"), cudf.ListDtype("bool"),
-                  cudf.ListDtype(cudf.ListDtype("float32"))):
+    for dtype in (
+        np.dtype("float32"),
+        cudf.ListDtype("int64"),
+        cudf.ListDtype("bool"),
+        cudf.ListDtype(cudf.ListDtype("float32")),
+    ):
         assert not _is_float_list_dtype(dtype), dtype
 
 
@@ -224,8 +235,7 @@ def test_resolve_column_skips_non_float_list_columns(cudf: Any) -> None:
     """A ``tags: list<str>`` column beside the embeddings: the embeddings are still found."""
     from nsfw_dask._cudf import CudfBackend
 
-    frame = _SchemaOnlyFrame({"tags": cudf.ListDtype("str"), "emb": cudf.ListDtype("float32"),
-                              "id": np.dtype("int64")})
+    frame = _SchemaOnlyFrame({"tags": cudf.ListDtype("str"), "emb": cudf.ListDtype("float32"), "id": np.dtype("int64")})
     assert CudfBackend().resolve_column(frame, None, schema_only=True) == "emb"
 
 
@@ -280,8 +290,7 @@ def test_cudf_list_leaves_are_a_sliced_view(cudf: Any) -> None:
 
 
 def test_cudf_series_members(cudf: Any) -> None:
-    _assert_params(cudf.Series.__init__, ["data", "index", "dtype", "nan_as_null"],
-                   "cudf.Series(...)", "cudf")
+    _assert_params(cudf.Series.__init__, ["data", "index", "dtype", "nan_as_null"], "cudf.Series(...)", "cudf")
     _assert_params(cudf.Series.fillna, ["value"], "cudf.Series.fillna", "cudf")
     for name in ("notna", "any", "sum"):
         assert callable(getattr(cudf.Series, name, None)), f"cudf.Series.{name} missing ({_version('cudf')})"
@@ -451,9 +460,16 @@ def test_local_cuda_cluster_signature() -> None:
     dask_cuda = pytest.importorskip("dask_cuda")
     _assert_params(
         dask_cuda.LocalCUDACluster.__init__,
-        ["rmm_async", "rmm_allocator_external_lib_list", "enable_cudf_spill", "rmm_pool_size",
-         "rmm_release_threshold", "device_memory_limit"],
-        "dask_cuda.LocalCUDACluster", "dask_cuda",
+        [
+            "rmm_async",
+            "rmm_allocator_external_lib_list",
+            "enable_cudf_spill",
+            "rmm_pool_size",
+            "rmm_release_threshold",
+            "device_memory_limit",
+        ],
+        "dask_cuda.LocalCUDACluster",
+        "dask_cuda",
     )
     from dask_cuda.plugins import enable_rmm_memory_for_library
 
@@ -465,19 +481,34 @@ def test_local_cuda_cluster_signature() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": False,
-              "rmm_async": True}),
-        ({"rmm_pool_size": "1GB"}, {"rmm_allocator_external_lib_list": ["torch", "cupy"],
-                                    "enable_cudf_spill": False, "rmm_pool_size": "1GB"}),
-        ({"rmm_managed_memory": True}, {"rmm_allocator_external_lib_list": ["torch", "cupy"],
-                                        "enable_cudf_spill": False, "rmm_managed_memory": True}),
-        ({"enable_cudf_spill": True, "n_workers": 1, "threads_per_worker": 2},
-         {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": True,
-          "rmm_async": True, "n_workers": 1, "threads_per_worker": 2}),
+        ({}, {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": False, "rmm_async": True}),
+        (
+            {"rmm_pool_size": "1GB"},
+            {"rmm_allocator_external_lib_list": ["torch", "cupy"], "enable_cudf_spill": False, "rmm_pool_size": "1GB"},
+        ),
+        (
+            {"rmm_managed_memory": True},
+            {
+                "rmm_allocator_external_lib_list": ["torch", "cupy"],
+                "enable_cudf_spill": False,
+                "rmm_managed_memory": True,
+            },
+        ),
+        (
+            {"enable_cudf_spill": True, "n_workers": 1, "threads_per_worker": 2},
+            {
+                "rmm_allocator_external_lib_list": ["torch", "cupy"],
+                "enable_cudf_spill": True,
+                "rmm_async": True,
+                "n_workers": 1,
+                "threads_per_worker": 2,
+            },
+        ),
     ],
 )
-def test_local_cuda_cluster_recipe_binds(monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any],
-                                         expected: dict[str, Any]) -> None:
+def test_local_cuda_cluster_recipe_binds(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], expected: dict[str, Any]
+) -> None:
     """The recipe's keywords bind to the real LocalCUDACluster and never pair a pool size with
     ``rmm_async`` (dask-cuda warns, and will raise); no cluster is started."""
     dask_cuda = pytest.importorskip("dask_cuda")
@@ -516,27 +547,48 @@ def _rmm_setup(opts: dict[str, Any]) -> Any:
     )
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, {"rmm_pool_size": "1GB"}, {"rmm_managed_memory": True}, {"rmm_async": False},
-    {"rmm_managed_memory": True, "rmm_pool_size": "1GB"}, {"rmm_release_threshold": "1GB"},
-    {"rmm_async": True, "rmm_release_threshold": "1GB", "rmm_maximum_pool_size": "2GB"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"rmm_pool_size": "1GB"},
+        {"rmm_managed_memory": True},
+        {"rmm_async": False},
+        {"rmm_managed_memory": True, "rmm_pool_size": "1GB"},
+        {"rmm_release_threshold": "1GB"},
+        {"rmm_async": True, "rmm_release_threshold": "1GB", "rmm_maximum_pool_size": "2GB"},
+    ],
+)
 def test_cluster_options_are_accepted_by_rmm_setup(kwargs: dict[str, Any]) -> None:
     """Every allocator mode ``cuda_cluster_options`` produces passes dask-cuda's own checks."""
     dask_cuda = pytest.importorskip("dask_cuda")
     import nsfw_dask.gpu as gpu
 
-    _assert_params(dask_cuda.plugins.RMMSetup.__init__,
-                   ["initial_pool_size", "maximum_pool_size", "managed_memory", "async_alloc",
-                    "release_threshold", "log_directory", "track_allocations", "external_lib_list"],
-                   "dask_cuda.plugins.RMMSetup", "dask_cuda")
+    _assert_params(
+        dask_cuda.plugins.RMMSetup.__init__,
+        [
+            "initial_pool_size",
+            "maximum_pool_size",
+            "managed_memory",
+            "async_alloc",
+            "release_threshold",
+            "log_directory",
+            "track_allocations",
+            "external_lib_list",
+        ],
+        "dask_cuda.plugins.RMMSetup",
+        "dask_cuda",
+    )
     _rmm_setup(gpu.cuda_cluster_options(**kwargs))
 
 
-@pytest.mark.parametrize(("kwargs", "ours", "theirs"), [
-    ({"rmm_async": True, "rmm_managed_memory": True}, "cannot be combined", "incompatible"),
-    ({"rmm_pool_size": "1GB", "rmm_release_threshold": "1GB"}, "needs the async", "requires"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "ours", "theirs"),
+    [
+        ({"rmm_async": True, "rmm_managed_memory": True}, "cannot be combined", "incompatible"),
+        ({"rmm_pool_size": "1GB", "rmm_release_threshold": "1GB"}, "needs the async", "requires"),
+    ],
+)
 def test_refused_combinations_are_refused_by_dask_cuda_too(kwargs: dict[str, Any], ours: str, theirs: str) -> None:
     """The combinations ``cuda_cluster_options`` refuses in one line are the ones dask-cuda refuses."""
     pytest.importorskip("dask_cuda")
@@ -612,8 +664,7 @@ def test_cudf_has_no_float16(cudf: Any) -> None:
 
     src = inspect.getsource(ColumnBase.from_arrow)
     assert "is_float16(array.type)" in src and "NotImplementedError" in src, (
-        f"{_version('cudf')}: cuDF may read float16 now; read_parquet_embeddings' pyarrow detour "
-        "could be dropped"
+        f"{_version('cudf')}: cuDF may read float16 now; read_parquet_embeddings' pyarrow detour could be dropped"
     )
 
 
@@ -705,8 +756,19 @@ def test_report_versions(cudf: Any) -> None:
     """Not a check: prints the versions these checks ran against (``pytest -s``/``-rA``)."""
     import importlib
 
-    names = ["cudf", "dask_cudf", "dask_cuda", "cupy", "rmm", "dask", "distributed", "pandas",
-             "pyarrow", "torch", "numpy"]
+    names = [
+        "cudf",
+        "dask_cudf",
+        "dask_cuda",
+        "cupy",
+        "rmm",
+        "dask",
+        "distributed",
+        "pandas",
+        "pyarrow",
+        "torch",
+        "numpy",
+    ]
     found = []
     for n in names:
         try:

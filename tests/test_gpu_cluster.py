@@ -31,10 +31,14 @@ def _write_parquet(folder: Path, x: np.ndarray, sizes: list[int]) -> Path:
     start = 0
     for i, n in enumerate(sizes):
         dim = x.shape[1]
-        lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
-                                         pa.array(x[start:start + n].reshape(-1)))
-        pq.write_table(pa.table({"id": np.arange(start, start + n), "embedding": lists}),
-                       folder / f"part{i}.parquet", row_group_size=400)
+        lists = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)), pa.array(x[start : start + n].reshape(-1))
+        )
+        pq.write_table(
+            pa.table({"id": np.arange(start, start + n), "embedding": lists}),
+            folder / f"part{i}.parquet",
+            row_group_size=400,
+        )
         start += n
     return folder
 
@@ -44,9 +48,12 @@ def _write_npy(root: Path, x: np.ndarray, sizes: list[int]) -> Path:
     (root / "metadata").mkdir()
     start = 0
     for i, n in enumerate(sizes):
-        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start:start + n])
-        pq.write_table(pa.table({"key": [f"{j:09d}" for j in range(start, start + n)]}),
-                       root / "metadata" / f"metadata_{i}.parquet", row_group_size=500)
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start : start + n])
+        pq.write_table(
+            pa.table({"key": [f"{j:09d}" for j in range(start, start + n)]}),
+            root / "metadata" / f"metadata_{i}.parquet",
+            row_group_size=500,
+        )
         start += n
     return root
 
@@ -60,8 +67,10 @@ def _torch_through_rmm() -> dict[str, Any]:
     import rmm
     import rmm.statistics
 
-    info: dict[str, Any] = {"backend": torch.cuda.memory.get_allocator_backend(),
-                            "resource": type(rmm.mr.get_current_device_resource()).__name__}
+    info: dict[str, Any] = {
+        "backend": torch.cuda.memory.get_allocator_backend(),
+        "resource": type(rmm.mr.get_current_device_resource()).__name__,
+    }
     with rmm.statistics.statistics():
         t = torch.empty(16 * 2**20, dtype=torch.uint8, device="cuda")
         info["rmm_bytes"] = rmm.statistics.get_statistics().current_bytes
@@ -76,7 +85,9 @@ def _cudf_spill() -> bool:
     return bool(cudf.get_option("spill"))
 
 
-def test_local_cuda_cluster_loads_once_per_worker_and_torch_uses_rmm(tmp_path: Path, l14_ref: dict[str, np.ndarray]) -> None:
+def test_local_cuda_cluster_loads_once_per_worker_and_torch_uses_rmm(
+    tmp_path: Path, l14_ref: dict[str, np.ndarray]
+) -> None:
     import dask
     from distributed import Client
 
@@ -118,8 +129,13 @@ def test_local_cuda_cluster_loads_once_per_worker_and_torch_uses_rmm(tmp_path: P
 
 
 def _run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=timeout,
+    )
 
 
 def _read_scores(out: Path, key: str) -> pd.DataFrame:
@@ -143,8 +159,20 @@ def test_cli_score_gpu(tmp_path: Path, l14_ref: dict[str, np.ndarray], layout: s
         src, key, dtype = _write_npy(tmp_path / "laion", x.astype(np.float16), [1000, 1692]), "row_number", np.float16
     expected = NSFWScorer(device="cpu")(x.astype(dtype).astype(np.float32)).numpy()
     out = tmp_path / "out"
-    r = _run_cli("score", str(src), str(out), "--gpu", "--workers", "1", "--no-progress", "--json",
-                 "--rows-per-partition", "600", "--batch-size", "256")
+    r = _run_cli(
+        "score",
+        str(src),
+        str(out),
+        "--gpu",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--json",
+        "--rows-per-partition",
+        "600",
+        "--batch-size",
+        "256",
+    )
     assert r.returncode == 0, (r.stdout, r.stderr)
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["rows"] == len(x)
@@ -159,8 +187,7 @@ def test_cli_score_gpu(tmp_path: Path, l14_ref: dict[str, np.ndarray], layout: s
 def test_cli_gpu_threads_per_worker_is_passed_on(tmp_path: Path, l14_ref: dict[str, np.ndarray]) -> None:
     src = _write_parquet(tmp_path / "in", l14_ref["inputs"][:900], [450, 450])
     out = tmp_path / "out"
-    r = _run_cli("score", str(src), str(out), "--gpu", "--workers", "1", "--threads-per-worker", "2",
-                 "--no-progress")
+    r = _run_cli("score", str(src), str(out), "--gpu", "--workers", "1", "--threads-per-worker", "2", "--no-progress")
     assert r.returncode == 0, (r.stdout, r.stderr)
     expected = NSFWScorer(device="cpu")(l14_ref["inputs"][:900]).numpy()
     np.testing.assert_allclose(_read_scores(out, "id")["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-5)

@@ -53,10 +53,11 @@ def test_default_options_are_fresh_objects() -> None:
         ({"rmm_async": False}, {"rmm_async": False}),  # the user's choice: no RMM resource at all
         ({"rmm_pool_size": None}, {"rmm_pool_size": None, "rmm_async": True}),  # None is "no pool"
         ({"rmm_managed_memory": False}, {"rmm_managed_memory": False, "rmm_async": True}),
-        ({"rmm_managed_memory": True, "rmm_pool_size": "4GB"},
-         {"rmm_managed_memory": True, "rmm_pool_size": "4GB"}),  # a managed pool: one mode in dask-cuda
-        ({"rmm_async": True, "rmm_release_threshold": "4GB"},
-         {"rmm_async": True, "rmm_release_threshold": "4GB"}),
+        (
+            {"rmm_managed_memory": True, "rmm_pool_size": "4GB"},
+            {"rmm_managed_memory": True, "rmm_pool_size": "4GB"},
+        ),  # a managed pool: one mode in dask-cuda
+        ({"rmm_async": True, "rmm_release_threshold": "4GB"}, {"rmm_async": True, "rmm_release_threshold": "4GB"}),
         ({"rmm_release_threshold": "4GB"}, {"rmm_release_threshold": "4GB", "rmm_async": True}),
     ],
 )
@@ -74,8 +75,11 @@ def test_allocator_modes(given: dict[str, Any], expected_mode: dict[str, Any]) -
 )
 def test_every_combination(pool: Any, managed: Any, async_: Any) -> None:
     """All 27 ways of passing (or not) rmm_pool_size, rmm_managed_memory, rmm_async."""
-    given = {k: v for k, v in (("rmm_pool_size", pool), ("rmm_managed_memory", managed),
-                               ("rmm_async", async_)) if v is not _ABSENT}
+    given = {
+        k: v
+        for k, v in (("rmm_pool_size", pool), ("rmm_managed_memory", managed), ("rmm_async", async_))
+        if v is not _ABSENT
+    }
     if async_ is True and managed is True:  # dask-cuda's RMMSetup raises: we say so first, in one line
         with pytest.raises(ValueError, match="rmm_managed_memory=True cannot be combined with rmm_async=True") as e:
             gpu.cuda_cluster_options(**given)
@@ -103,10 +107,16 @@ def test_release_threshold_without_async_is_refused() -> None:
 
 
 def test_spill_and_library_overrides_win() -> None:
-    opts = gpu.cuda_cluster_options(enable_cudf_spill=True, rmm_allocator_external_lib_list=None,
-                                    device_memory_limit="40GB", n_workers=2)
-    assert opts == {"rmm_allocator_external_lib_list": None, "enable_cudf_spill": True, "rmm_async": True,
-                    "device_memory_limit": "40GB", "n_workers": 2}
+    opts = gpu.cuda_cluster_options(
+        enable_cudf_spill=True, rmm_allocator_external_lib_list=None, device_memory_limit="40GB", n_workers=2
+    )
+    assert opts == {
+        "rmm_allocator_external_lib_list": None,
+        "enable_cudf_spill": True,
+        "rmm_async": True,
+        "device_memory_limit": "40GB",
+        "n_workers": 2,
+    }
 
 
 def test_local_cuda_cluster_passes_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,8 +128,10 @@ def test_local_cuda_cluster_passes_the_options(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(gpu, "cuda_available", lambda: True)
     assert gpu.local_cuda_cluster(n_workers=1, threads_per_worker=3) == "cluster"
     assert gpu.local_cuda_cluster(rmm_pool_size="1GB") == "cluster"
-    assert seen == [gpu.cuda_cluster_options(n_workers=1, threads_per_worker=3),
-                    gpu.cuda_cluster_options(rmm_pool_size="1GB")]
+    assert seen == [
+        gpu.cuda_cluster_options(n_workers=1, threads_per_worker=3),
+        gpu.cuda_cluster_options(rmm_pool_size="1GB"),
+    ]
     assert seen[0]["enable_cudf_spill"] is False and seen[0]["threads_per_worker"] == 3
     with pytest.raises(ValueError, match="cannot be combined"):  # before any cluster is built
         gpu.local_cuda_cluster(rmm_async=True, rmm_managed_memory=True)
@@ -143,26 +155,32 @@ def test_more_workers_than_gpus_is_one_line() -> None:
     assert "3 GPU workers" in msg and "2 GPU(s)" in msg and "--workers 2" in msg
 
 
-@pytest.mark.parametrize(("workers", "threads", "gpus", "expected"), [
-    (None, None, 1, {}),
-    (2, None, 2, {"n_workers": 2}),
-    (1, None, 4, {"n_workers": 1}),
-    (None, 4, 2, {"threads_per_worker": 4}),
-    (2, 3, 8, {"n_workers": 2, "threads_per_worker": 3}),
-])
+@pytest.mark.parametrize(
+    ("workers", "threads", "gpus", "expected"),
+    [
+        (None, None, 1, {}),
+        (2, None, 2, {"n_workers": 2}),
+        (1, None, 4, {"n_workers": 1}),
+        (None, 4, 2, {"threads_per_worker": 4}),
+        (2, 3, 8, {"n_workers": 2, "threads_per_worker": 3}),
+    ],
+)
 def test_cuda_worker_options(workers: Any, threads: Any, gpus: int, expected: dict[str, int]) -> None:
     assert gpu.cuda_worker_options(workers, threads, n_gpus=gpus) == expected
 
 
-@pytest.mark.parametrize(("workers", "threads", "gpus", "match"), [
-    (5, None, 4, "5 GPU workers asked for but 4 GPU"),
-    (1, None, 0, "needs a CUDA device"),
-    (None, None, 0, "needs a CUDA device"),
-    (None, 0, 2, "threads per worker must be a positive integer"),
-    (None, True, 2, "threads per worker must be a positive integer"),
-    (0, None, 2, "number of GPU workers must be a positive integer"),
-    (1.5, None, 2, "number of GPU workers must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("workers", "threads", "gpus", "match"),
+    [
+        (5, None, 4, "5 GPU workers asked for but 4 GPU"),
+        (1, None, 0, "needs a CUDA device"),
+        (None, None, 0, "needs a CUDA device"),
+        (None, 0, 2, "threads per worker must be a positive integer"),
+        (None, True, 2, "threads per worker must be a positive integer"),
+        (0, None, 2, "number of GPU workers must be a positive integer"),
+        (1.5, None, 2, "number of GPU workers must be a positive integer"),
+    ],
+)
 def test_cuda_worker_errors(workers: Any, threads: Any, gpus: int, match: str) -> None:
     with pytest.raises(ValueError, match=match) as e:
         gpu.cuda_worker_options(workers, threads, n_gpus=gpus)
@@ -180,16 +198,19 @@ def test_visible_gpus_come_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------- float16 parquet
 
 
-@pytest.mark.parametrize(("t", "half"), [
-    (pa.list_(pa.float16()), True),
-    (pa.large_list(pa.float16()), True),
-    (pa.list_(pa.float16(), 768), True),
-    (pa.list_(pa.float32()), False),
-    (pa.list_(pa.float64(), 768), False),
-    (pa.float16(), False),  # a scalar: not embeddings
-    (pa.list_(pa.list_(pa.float16())), False),  # nested: not an embedding column either
-    (pa.list_(pa.string()), False),
-])
+@pytest.mark.parametrize(
+    ("t", "half"),
+    [
+        (pa.list_(pa.float16()), True),
+        (pa.large_list(pa.float16()), True),
+        (pa.list_(pa.float16(), 768), True),
+        (pa.list_(pa.float32()), False),
+        (pa.list_(pa.float64(), 768), False),
+        (pa.float16(), False),  # a scalar: not embeddings
+        (pa.list_(pa.list_(pa.float16())), False),  # nested: not an embedding column either
+        (pa.list_(pa.string()), False),
+    ],
+)
 def test_half_float_list_columns(t: pa.DataType, half: bool) -> None:
     schema = pa.schema([("id", pa.int64()), ("emb", t)])
     assert nio.half_float_list_columns(schema) == (["emb"] if half else [])
@@ -200,8 +221,9 @@ def _write(path: Path, x: np.ndarray, *, fixed: bool = True, start: int = 0) -> 
     if fixed:
         emb = pa.FixedSizeListArray.from_arrays(values, x.shape[1])
     else:
-        emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(x) + 1) * x.shape[1], x.shape[1], dtype=np.int32)),
-                                       values)
+        emb = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, (len(x) + 1) * x.shape[1], x.shape[1], dtype=np.int32)), values
+        )
     pq.write_table(pa.table({"id": np.arange(start, start + len(x)), "emb": emb}), path)
 
 
@@ -211,7 +233,7 @@ def half_folder(tmp_path: Path) -> tuple[Path, np.ndarray]:
     folder = tmp_path / "half"
     folder.mkdir()
     for i, a in enumerate(range(0, 30, 10)):
-        _write(folder / f"part.{i}.parquet", x[a:a + 10], start=a)
+        _write(folder / f"part.{i}.parquet", x[a : a + 10], start=a)
     (folder / "_SUCCESS").write_text("")  # not parquet: skipped
     (folder / ".part.0.parquet.crc").write_text("")
     return folder, x
@@ -219,8 +241,13 @@ def half_folder(tmp_path: Path) -> tuple[Path, np.ndarray]:
 
 def test_parquet_schema_from_file_folder_glob_and_list(half_folder: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     folder, _ = half_folder
-    for p in (folder, str(folder), folder / "part.0.parquet", f"{folder}/part.*.parquet",
-              [str(folder / "part.2.parquet"), str(folder / "part.0.parquet")]):
+    for p in (
+        folder,
+        str(folder),
+        folder / "part.0.parquet",
+        f"{folder}/part.*.parquet",
+        [str(folder / "part.2.parquet"), str(folder / "part.0.parquet")],
+    ):
         schema = nio.parquet_schema(p)
         assert schema is not None and schema.field("emb").type.value_type == pa.float16(), p
     empty = tmp_path / "empty"
@@ -241,16 +268,19 @@ _F16 = pa.schema([("emb", pa.list_(pa.float16(), 768))])
 _F32 = pa.schema([("emb", pa.list_(pa.float32(), 768))])
 
 
-@pytest.mark.parametrize(("backend", "schema", "blocksize", "expected"), [
-    ("cudf", _F32, nio._UNSET, ("cudf", {"blocksize": None})),  # one partition per file
-    ("cudf", None, nio._UNSET, ("cudf", {"blocksize": None})),
-    ("cudf", _F32, "1GiB", ("cudf", {"blocksize": "1GiB"})),  # a size you choose
-    ("cudf", _F32, None, ("cudf", {"blocksize": None})),
-    ("cudf", _F16, nio._UNSET, ("pandas", {"dtype_backend": "pyarrow"})),  # cuDF cannot read float16
-    ("cudf", _F16, "1GiB", ("pandas", {"dtype_backend": "pyarrow", "blocksize": "1GiB"})),
-    ("pandas", _F32, nio._UNSET, ("pandas", {"dtype_backend": "pyarrow"})),  # dask's default blocksize
-    ("pandas", None, None, ("pandas", {"dtype_backend": "pyarrow", "blocksize": None})),
-])
+@pytest.mark.parametrize(
+    ("backend", "schema", "blocksize", "expected"),
+    [
+        ("cudf", _F32, nio._UNSET, ("cudf", {"blocksize": None})),  # one partition per file
+        ("cudf", None, nio._UNSET, ("cudf", {"blocksize": None})),
+        ("cudf", _F32, "1GiB", ("cudf", {"blocksize": "1GiB"})),  # a size you choose
+        ("cudf", _F32, None, ("cudf", {"blocksize": None})),
+        ("cudf", _F16, nio._UNSET, ("pandas", {"dtype_backend": "pyarrow"})),  # cuDF cannot read float16
+        ("cudf", _F16, "1GiB", ("pandas", {"dtype_backend": "pyarrow", "blocksize": "1GiB"})),
+        ("pandas", _F32, nio._UNSET, ("pandas", {"dtype_backend": "pyarrow"})),  # dask's default blocksize
+        ("pandas", None, None, ("pandas", {"dtype_backend": "pyarrow", "blocksize": None})),
+    ],
+)
 def test_parquet_read_options(backend: str, schema: Any, blocksize: Any, expected: Any) -> None:
     assert nio.parquet_read_options(backend, schema, blocksize) == expected
 
@@ -369,7 +399,7 @@ def test_read_embeddings_partitions_are_never_merged_under_the_cudf_backend(tmp_
     (root / "metadata").mkdir()
     x = np.random.default_rng(2).standard_normal((30, 768)).astype(np.float16)
     for i in range(3):
-        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[10 * i:10 * i + 10])
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[10 * i : 10 * i + 10])
         pq.write_table(pa.table({"key": [f"{i}-{j}" for j in range(10)]}), root / "metadata" / f"metadata_{i}.parquet")
     with dask.config.set({"dataframe.backend": "cudf"}):
         ddf = nio.read_embeddings(root, rows_per_partition=4)

@@ -19,8 +19,16 @@ SIZES = [7, 12, 5]
 DIM = 8
 
 
-def _write(root: Path | str, x: np.ndarray, sizes: list[int], *, fs=None, dtype=np.float16,
-           row_group_size: int | None = None, index: str | None = None) -> None:
+def _write(
+    root: Path | str,
+    x: np.ndarray,
+    sizes: list[int],
+    *,
+    fs=None,
+    dtype=np.float16,
+    row_group_size: int | None = None,
+    index: str | None = None,
+) -> None:
     """Write a parquet_npy folder; ``index``: None, "named", "named-range" or "unnamed"."""
     if fs is None:
         Path(root, "img_emb").mkdir(parents=True)
@@ -37,11 +45,11 @@ def _write(root: Path | str, x: np.ndarray, sizes: list[int], *, fs=None, dtype=
             df.index = pd.Index(rows * 10)
         npy, meta = f"{root}/img_emb/img_emb_{i}.npy", f"{root}/metadata/metadata_{i}.parquet"
         if fs is None:
-            np.save(npy, x[start:start + n].astype(dtype))
+            np.save(npy, x[start : start + n].astype(dtype))
             df.to_parquet(meta, row_group_size=row_group_size)
         else:
             with fs.open(npy, "wb") as f:
-                np.save(f, x[start:start + n].astype(dtype))
+                np.save(f, x[start : start + n].astype(dtype))
             with fs.open(meta, "wb") as f:
                 df.to_parquet(f, row_group_size=row_group_size)
         start += n
@@ -244,8 +252,10 @@ def test_embeddings_are_not_copied(tmp_path, x, monkeypatch, dtype):
     npy = str(tmp_path / "img_emb" / "img_emb_1.npy")
     meta = str(tmp_path / "metadata" / "metadata_1.parquet")
     itemsize = np.dtype(dtype).itemsize
-    for get in (lambda: _load_part((npy, meta, 5, 10, 7), "embedding"),
-                lambda: ddf.get_partition(3).compute(scheduler="sync")):
+    for get in (
+        lambda: _load_part((npy, meta, 5, 10, 7), "embedding"),
+        lambda: ddf.get_partition(3).compute(scheduler="sync"),
+    ):
         maps.clear()
         part = get()
         assert part.index[0] == 12 and len(part) == 5
@@ -263,8 +273,12 @@ def test_embeddings_are_not_copied(tmp_path, x, monkeypatch, dtype):
 
 
 def test_read_input_plain_parquet_gives_arrow_lists(tmp_path, x):
-    df = pd.DataFrame({"url": [f"u{i}" for i in range(len(x))],
-                       "embedding": pd.Series(list(x), dtype=pd.ArrowDtype(pa.list_(pa.float32())))})
+    df = pd.DataFrame(
+        {
+            "url": [f"u{i}" for i in range(len(x))],
+            "embedding": pd.Series(list(x), dtype=pd.ArrowDtype(pa.list_(pa.float32()))),
+        }
+    )
     (tmp_path / "pq").mkdir()
     df.iloc[:10].to_parquet(tmp_path / "pq" / "part.0.parquet")
     df.iloc[10:].to_parquet(tmp_path / "pq" / "part.1.parquet")

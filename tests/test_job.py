@@ -43,8 +43,10 @@ CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "--no-progress"]
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -69,10 +71,10 @@ def make_npy(root: Path, x: np.ndarray, sizes: list[int], extra: dict | None = N
     (root / "metadata").mkdir()
     start = 0
     for i, n in enumerate(sizes):
-        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start:start + n])
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start : start + n])
         keys = [f"{j:09d}" for j in range(start, start + n)]
         cols = {"url": [f"https://e.org/{k}.jpg" for k in keys], "caption": [f"c{k}" for k in keys], "key": keys}
-        cols.update({k: v[start:start + n] for k, v in (extra or {}).items()})
+        cols.update({k: v[start : start + n] for k, v in (extra or {}).items()})
         pq.write_table(pa.table(cols), root / "metadata" / f"metadata_{i}.parquet", row_group_size=500)
         start += n
     return root
@@ -84,11 +86,16 @@ def make_parquet(folder: Path, x: np.ndarray, sizes: list[int], index: bool = Fa
     start = 0
     for i, n in enumerate(sizes):
         dim = x.shape[1]
-        lists = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
-                                         pa.array(x[start:start + n].reshape(-1)))
-        df = pd.DataFrame({"url": pd.array([f"u{j}" for j in range(start, start + n)], dtype=pd.ArrowDtype(pa.string())),
-                           "id": np.arange(start, start + n) * 3,
-                           "embedding": pd.arrays.ArrowExtensionArray(lists)})
+        lists = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)), pa.array(x[start : start + n].reshape(-1))
+        )
+        df = pd.DataFrame(
+            {
+                "url": pd.array([f"u{j}" for j in range(start, start + n)], dtype=pd.ArrowDtype(pa.string())),
+                "id": np.arange(start, start + n) * 3,
+                "embedding": pd.arrays.ArrowExtensionArray(lists),
+            }
+        )
         if index:
             df.index = pd.Index([f"img-{j:05d}" for j in range(start, start + n)], name="key")
         df.to_parquet(folder / f"part{i}.parquet", row_group_size=400)
@@ -106,8 +113,14 @@ def read(out: Path) -> pd.DataFrame:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        **kw,
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, code: int = 1) -> str:
@@ -126,9 +139,13 @@ def test_parquet_npy_layout_scores_and_order(tmp_path, client, x16, expected16):
     s = score_dataset(src, out, client=client, threshold=0.5, rows_per_partition=600)
     # one part per input partition, named by order and source; partitions never span files
     assert [p.name for p in parts(out)] == [
-        "part.000000.metadata_0.parquet", "part.000001.metadata_0.parquet",
-        "part.000002.metadata_1.parquet", "part.000003.metadata_1.parquet", "part.000004.metadata_1.parquet",
-        "part.000005.metadata_1.parquet"]  # row groups of 500 are not merged past 600 rows
+        "part.000000.metadata_0.parquet",
+        "part.000001.metadata_0.parquet",
+        "part.000002.metadata_1.parquet",
+        "part.000003.metadata_1.parquet",
+        "part.000004.metadata_1.parquet",
+        "part.000005.metadata_1.parquet",
+    ]  # row groups of 500 are not merged past 600 rows
     assert sorted(p.name for p in out.iterdir()) == sorted([JOB_FILE, SUCCESS_FILE] + [p.name for p in parts(out)])
     got = read(out)
     assert list(got.columns) == ["row_number", "url", "caption", "key", "nsfw_score", "is_nsfw"]
@@ -188,7 +205,7 @@ def test_keep_embeddings(tmp_path, client, x16, expected16, form):
         assert col.type == pa.binary(768 * 2)
         meta = json.loads(t.schema.field("embedding").metadata[b"nsfw_dask.embedding"])
         assert meta["dtype"] == "float16"
-        back = np.frombuffer(col.buffers()[1], dtype=np.float16)[col.offset * 768:].reshape(-1, 768)
+        back = np.frombuffer(col.buffers()[1], dtype=np.float16)[col.offset * 768 :].reshape(-1, 768)
     else:
         assert col.type == pa.list_(pa.float16(), 768)
         back = col.flatten().to_numpy().reshape(-1, 768)
@@ -200,13 +217,15 @@ def test_filter_and_nan_rows(tmp_path, client, l14_ref, expected):
     x = l14_ref["inputs"][:300]
     rows = [list(r) for r in x]
     rows[3] = rows[17] = None
-    pq.write_table(pa.table({"id": np.arange(300), "embedding": pa.array(rows, type=pa.list_(pa.float32()))}),
-                   tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table({"id": np.arange(300), "embedding": pa.array(rows, type=pa.list_(pa.float32()))}),
+        tmp_path / "in.parquet",
+    )
     s = score_dataset(tmp_path / "in.parquet", tmp_path / "all", client=client, threshold=0.5)
     got = read(tmp_path / "all")
     assert s.nan_scores == 2 and got["is_nsfw"].isna().to_numpy().nonzero()[0].tolist() == [3, 17]
     s = score_dataset(tmp_path / "in.parquet", tmp_path / "safe", client=client, filter="keep-safe")
-    keep = (expected[:300] < 0.5)
+    keep = expected[:300] < 0.5
     keep[[3, 17]] = False
     assert s.rows == 300 and s.rows_written == int(keep.sum())
     assert read(tmp_path / "safe")["id"].tolist() == np.arange(300)[keep].tolist()
@@ -266,9 +285,15 @@ def test_overwrite_removes_success_first(tmp_path, client, l14_ref):
     bad = tmp_path / "bad"
     bad.mkdir()
     for i in range(2):
-        pq.write_table(pa.table({"url": [f"u{j}" for j in range(i * 200, i * 200 + 200)],
-                                 "embedding": pa.array(rows[i * 200:i * 200 + 200], type=pa.list_(pa.float32()))}),
-                       bad / f"part{i}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"u{j}" for j in range(i * 200, i * 200 + 200)],
+                    "embedding": pa.array(rows[i * 200 : i * 200 + 200], type=pa.list_(pa.float32())),
+                }
+            ),
+            bad / f"part{i}.parquet",
+        )
     with pytest.raises(EmbeddingFormatError, match="part1.parquet"):
         score_dataset(bad, out, client=client, overwrite=True)
     assert not (out / SUCCESS_FILE).exists()
@@ -281,8 +306,13 @@ def test_partition_plan(tmp_path, x16):
     src = make_npy(tmp_path / "laion", x16[:1300], [300, 1000])
     plan = pipeline.plan_input(src, rows_per_partition=400)
     # row groups of 500 > 400 rows: each is cut in two equal halves
-    assert [(p.start, p.stop, p.offset) for p in plan.parts] == [(0, 300, 0), (0, 250, 300), (250, 500, 300),
-                                                                   (500, 750, 300), (750, 1000, 300)]
+    assert [(p.start, p.stop, p.offset) for p in plan.parts] == [
+        (0, 300, 0),
+        (0, 250, 300),
+        (250, 500, 300),
+        (500, 750, 300),
+        (750, 1000, 300),
+    ]
     assert pipeline._split(1000, [400, 400, 200], 500) == [(0, 400), (400, 800), (800, 1000)]
     assert pipeline._split(1000, [1000], 300) == [(0, 250), (250, 500), (500, 750), (750, 1000)]
     assert pipeline._split(0, [], 300) == []
@@ -292,7 +322,8 @@ def test_partition_plan(tmp_path, x16):
 # ----------------------------------------------------------------------------- summary
 
 
-def test_quantiles_exact_to_the_bin(rng=np.random.default_rng(3)):
+def test_quantiles_exact_to_the_bin():
+    rng = np.random.default_rng(3)
     v = np.concatenate([rng.random(5000) ** 6, rng.random(300), 1 - rng.random(700) ** 4]).astype(np.float32)
     v[:40] = 3e-6
     h = histogram(np.concatenate([v, [np.nan, np.nan]]))
@@ -325,8 +356,12 @@ def test_cli_sigkill_of_the_process_group_then_resume(tmp_path, l14_ref, expecte
     src = make_parquet(tmp_path / "in", x, [2692, 2692])
     out = tmp_path / "out"
     args = ["score", str(src), str(out), "--batch-size", "1", "--rows-per-partition", "400", *CLUSTER]
-    proc = subprocess.Popen([sys.executable, "-m", "nsfw_dask", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nsfw_dask", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(parts(out) if out.exists() else []) < 2:
         assert proc.poll() is None, proc.communicate()
@@ -350,10 +385,12 @@ def test_cli_sigkill_of_the_process_group_then_resume(tmp_path, l14_ref, expecte
 def test_cli_glob_and_file_url_overlap_never_deletes_input(tmp_path, l14_ref):
     data = make_parquet(tmp_path / "g2", l14_ref["inputs"][:200], [100, 100])
     before = {p.name: p.read_bytes() for p in data.iterdir()}
-    for args in ([str(data / "*.parquet"), str(data), "--overwrite", "--filter", "keep-safe"],
-                 [f"file://{data}", str(data), "--overwrite"],
-                 [str(data / "*.parquet"), str(data)],
-                 [str(data), f"file://{data}/sub", "--overwrite"]):
+    for args in (
+        [str(data / "*.parquet"), str(data), "--overwrite", "--filter", "keep-safe"],
+        [f"file://{data}", str(data), "--overwrite"],
+        [str(data / "*.parquet"), str(data)],
+        [str(data), f"file://{data}/sub", "--overwrite"],
+    ):
         line = one_line_error(run_cli("score", *args, *CLUSTER), 2)
         assert "overlaps INPUT" in line and "--overwrite" not in line.replace("never", ""), line
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
@@ -378,8 +415,9 @@ def test_cli_score_column_clashes(tmp_path, x16):
     line = one_line_error(run_cli("score", str(src), str(tmp_path / "o"), "--score-column", "is_nsfw", *CLUSTER), 2)
     assert "'is_nsfw'" in line
     src2 = make_npy(tmp_path / "l2", x16[:100], [100])
-    line = one_line_error(run_cli("score", str(src2), str(tmp_path / "o"), "--score-column", "is_nsfw",
-                                  "--threshold", "0.5", *CLUSTER), 2)
+    line = one_line_error(
+        run_cli("score", str(src2), str(tmp_path / "o"), "--score-column", "is_nsfw", "--threshold", "0.5", *CLUSTER), 2
+    )
     assert "clashes" in line
     for bad in ("", "  "):
         r = run_cli("score", str(src2), str(tmp_path / "o"), "--score-column", bad, *CLUSTER)
@@ -419,8 +457,7 @@ def test_cli_errors_are_one_line_before_the_cluster(tmp_path, l14_ref, x16):
 
 
 def test_cli_parquet_npy_metadata_with_an_embedding_column(tmp_path, x16, expected16):
-    src = make_npy(tmp_path / "laion", x16[:200], [200],
-                   extra={"embedding": [f"text-{i}" for i in range(200)]})
+    src = make_npy(tmp_path / "laion", x16[:200], [200], extra={"embedding": [f"text-{i}" for i in range(200)]})
     line = one_line_error(run_cli("score", str(src), str(tmp_path / "o"), *CLUSTER), 2)
     assert "already has a column 'embedding'" in line and "--column" in line
     r = run_cli("score", str(src), str(tmp_path / "o"), "--column", "clip", "--json", *CLUSTER)
@@ -452,8 +489,10 @@ def test_cli_wrong_width_rows_name_the_file_and_its_row(tmp_path, l14_ref):
 
 
 def test_cli_zero_rows(tmp_path):
-    pq.write_table(pa.table({"id": pa.array([], pa.int64()),
-                             "embedding": pa.array([], pa.list_(pa.float32()))}), tmp_path / "z.parquet")
+    pq.write_table(
+        pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], pa.list_(pa.float32()))}),
+        tmp_path / "z.parquet",
+    )
     r = run_cli("score", str(tmp_path / "z.parquet"), str(tmp_path / "o"), *CLUSTER)
     assert r.returncode == 0, r.stderr
     assert "score quantiles  (no scores" in r.stdout and "rows scored      0" in r.stdout
@@ -470,12 +509,22 @@ def test_library_error_for_bad_rows_names_the_file(tmp_path, client, l14_ref):
         score_dataset(tmp_path / "a.parquet", tmp_path / "o", client=client)
 
 
-@pytest.mark.parametrize("given, n_cpu, expected", [
-    ((None, None), 1, (1, 1)), ((None, None), 2, (1, 2)), ((None, None), 4, (1, 4)),
-    ((None, None), 6, (2, 3)), ((None, None), 8, (2, 4)), ((None, None), 64, (16, 4)),
-    ((2, None), 2, (2, 1)), ((3, None), 8, (3, 2)), ((None, 1), 2, (2, 1)), ((None, 3), 2, (1, 3)),
-    ((5, 7), 2, (5, 7)),
-])
+@pytest.mark.parametrize(
+    "given, n_cpu, expected",
+    [
+        ((None, None), 1, (1, 1)),
+        ((None, None), 2, (1, 2)),
+        ((None, None), 4, (1, 4)),
+        ((None, None), 6, (2, 3)),
+        ((None, None), 8, (2, 4)),
+        ((None, None), 64, (16, 4)),
+        ((2, None), 2, (2, 1)),
+        ((3, None), 8, (3, 2)),
+        ((None, 1), 2, (2, 1)),
+        ((None, 3), 2, (1, 3)),
+        ((5, 7), 2, (5, 7)),
+    ],
+)
 def test_default_cluster_shape(given, n_cpu, expected):
     """The CPU cluster the job starts: what is given wins, the rest fills the cores with
     workers of at most 4 threads (every core used, never more than one thread short)."""

@@ -25,8 +25,11 @@ DASK = str(Path(sys.executable).parent / "dask")
 def _mount_namespaces_work(tmp: Path) -> bool:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         return False
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                        f"mount -t tmpfs tmpfs {tmp}"], capture_output=True, timeout=30)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs {tmp}"],
+        capture_output=True,
+        timeout=30,
+    )
     return r.returncode == 0
 
 
@@ -65,23 +68,52 @@ def test_local_paths_must_be_shared_by_every_worker(tmp_path, l14_ref, cluster_p
     if not _mount_namespaces_work(data):
         pytest.skip("needs root and mount namespaces (unshare) to simulate a worker on another node")
     n = 500
-    pq.write_table(pa.table({"id": np.arange(n), "embedding": pa.array(list(l14_ref["inputs"][:n]),
-                                                                       type=pa.list_(pa.float32()))}),
-                   data / "in.parquet")
+    pq.write_table(
+        pa.table({"id": np.arange(n), "embedding": pa.array(list(l14_ref["inputs"][:n]), type=pa.list_(pa.float32()))}),
+        data / "in.parquet",
+    )
     sched = tmp_path / "scheduler.json"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    cluster_procs.append(subprocess.Popen([DASK, "scheduler", "--scheduler-file", str(sched), "--port", "0",
-                                           "--dashboard-address", ":0"], **quiet))
+    cluster_procs.append(
+        subprocess.Popen(
+            [DASK, "scheduler", "--scheduler-file", str(sched), "--port", "0", "--dashboard-address", ":0"], **quiet
+        )
+    )
     worker = [DASK, "worker", "--scheduler-file", str(sched), "--nthreads", "1", "--dashboard-address", ":0"]
     cluster_procs.append(subprocess.Popen(worker, **quiet))
     # "another node": the same machine, but /data is an empty tmpfs in this worker's mount namespace
-    cluster_procs.append(subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f"mount -t tmpfs tmpfs {data} && exec {' '.join(worker)}"], **quiet))
+    cluster_procs.append(
+        subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs tmpfs {data} && exec {' '.join(worker)}",
+            ],
+            **quiet,
+        )
+    )
     address = _wait_workers(sched, 2)
     out = data / "out"
-    r = subprocess.run([sys.executable, "-m", "nsfw_dask", "score", str(data / "in.parquet"), str(out),
-                        "--scheduler", address, "--no-progress"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nsfw_dask",
+            "score",
+            str(data / "in.parquet"),
+            str(out),
+            "--scheduler",
+            address,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     assert "worker(s)" in r.stderr and "not see as the same folder" in r.stderr and "s3://" in r.stderr, r.stderr
     assert not out.exists() and sorted(p.name for p in data.iterdir()) == ["in.parquet"]  # nothing written
@@ -97,8 +129,22 @@ def test_local_paths_must_be_shared_by_every_worker(tmp_path, l14_ref, cluster_p
         while len(c.scheduler_info()["workers"]) != 1:
             assert time.time() < deadline
             time.sleep(0.2)
-    r = subprocess.run([sys.executable, "-m", "nsfw_dask", "score", str(data / "in.parquet"), str(out),
-                        "--scheduler", address, "--no-progress", "--json"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nsfw_dask",
+            "score",
+            str(data / "in.parquet"),
+            str(out),
+            "--scheduler",
+            address,
+            "--no-progress",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["rows"] == n and (out / "_SUCCESS").exists()

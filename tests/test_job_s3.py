@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _s3 import s3, s3_endpoint  # noqa: F401  (fixtures)
 
 from nsfw_dask import NSFWScorer
+
+from _s3 import s3, s3_endpoint  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.weights
 
@@ -24,15 +25,21 @@ CLUSTER = ["--workers", "2", "--threads-per-worker", "1", "--no-progress"]
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def upload_npy(s3, prefix: str, x: np.ndarray, sizes: list[int]) -> str:
     start = 0
     for i, n in enumerate(sizes):
         buf = io.BytesIO()
-        np.save(buf, x[start:start + n])
+        np.save(buf, x[start : start + n])
         s3.fs.pipe(s3.url(f"{prefix}/img_emb/img_emb_{i}.npy"), buf.getvalue())
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({"key": [f"{j:09d}" for j in range(start, start + n)]}), sink, row_group_size=300)
@@ -65,8 +72,18 @@ def expected16(x16) -> np.ndarray:
 
 def test_s3_input_and_output_with_worker_processes_then_resume(s3, x16, expected16, tmp_path):
     src = upload_npy(s3, "laion", x16, [700, 800])
-    r = run_cli("score", src, s3.url("scored"), "--rows-per-partition", "300", "--threshold", "0.5", "--json",
-                *CLUSTER, cwd=tmp_path)
+    r = run_cli(
+        "score",
+        src,
+        s3.url("scored"),
+        "--rows-per-partition",
+        "300",
+        "--threshold",
+        "0.5",
+        "--json",
+        *CLUSTER,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert (s["rows"], s["rows_written"], s["partitions"], s["output"]) == (1500, 1500, 6, s3.url("scored"))
@@ -82,8 +99,18 @@ def test_s3_input_and_output_with_worker_processes_then_resume(s3, x16, expected
         s3.fs.rm(p)
     r = run_cli("score", src, s3.url("scored"), "--rows-per-partition", "300", "--threshold", "0.5", *CLUSTER)
     assert r.returncode == 2 and "--resume" in r.stderr
-    r = run_cli("score", src, s3.url("scored"), "--rows-per-partition", "300", "--threshold", "0.5", "--json",
-                "--resume", *CLUSTER)
+    r = run_cli(
+        "score",
+        src,
+        s3.url("scored"),
+        "--rows-per-partition",
+        "300",
+        "--threshold",
+        "0.5",
+        "--json",
+        "--resume",
+        *CLUSTER,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["partitions_reused"] == 4
     assert {p: s3.fs.cat(p) for p in parts} == before  # identical to the uninterrupted run
@@ -93,8 +120,15 @@ def test_s3_input_and_output_with_worker_processes_then_resume(s3, x16, expected
 def test_local_input_to_s3_url_output_is_not_a_local_folder(s3, x16, expected16, tmp_path):
     """The bug: `score INPUT s3://bucket/out` wrote into ./s3:/bucket/out and exited 0."""
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": np.arange(300), "embedding": pa.array(list(x16[:300].astype(np.float32)),
-                                                                         type=pa.list_(pa.float32()))}), src)
+    pq.write_table(
+        pa.table(
+            {
+                "id": np.arange(300),
+                "embedding": pa.array(list(x16[:300].astype(np.float32)), type=pa.list_(pa.float32())),
+            }
+        ),
+        src,
+    )
     work = tmp_path / "cwd"
     work.mkdir()
     r = run_cli("score", str(src), s3.url("out"), *CLUSTER, cwd=work)

@@ -31,8 +31,7 @@ def _read(path: Path) -> Any:
 
 def _python_source(cell_source: str) -> str:
     """A code cell's source with IPython magics / shell escapes blanked (line numbers kept)."""
-    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
-                     for line in cell_source.splitlines())
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in cell_source.splitlines())
 
 
 def _tagged(nb: Any, tag: str) -> Any:
@@ -42,13 +41,19 @@ def _tagged(nb: Any, tag: str) -> Any:
 
 
 def _stdout(cell: Any) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs
-                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+    return "".join(
+        o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"
+    )
 
 
 def _errors(nb: Any) -> list[str]:
-    return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
-            for o in c.outputs if o.get("output_type") == "error"]
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.get("output_type") == "error"
+    ]
 
 
 @pytest.mark.parametrize("path", [CPU_NB, GPU_NB], ids=lambda p: p.stem)
@@ -71,8 +76,14 @@ def test_gpu_notebook_is_valid() -> None:
     first = nb.cells[0]
     assert first.cell_type == "markdown"
     text = first.source.lower()
-    for needle in ("cuda gpu", "gpu-cu12", "gpu-cu13", "nsfw_dask_model_dir", "internet",
-                   "not executed by the authors"):
+    for needle in (
+        "cuda gpu",
+        "gpu-cu12",
+        "gpu-cu13",
+        "nsfw_dask_model_dir",
+        "internet",
+        "not executed by the authors",
+    ):
         assert needle in text, f"first cell of {GPU_NB.name} does not mention {needle!r}"
     sources = []
     for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
@@ -80,10 +91,17 @@ def test_gpu_notebook_is_valid() -> None:
         ast.parse(src, filename=f"{GPU_NB.name}[code cell {i}]")
         sources.append(src)
     code = "\n".join(sources)
-    for needle in ("local_cuda_cluster()", 'NSFWModelPlugin(device="cuda")',
-                   '"dataframe.backend": "cudf"', "map_partitions(score_nsfw)", "data_ptr()",
-                   "list.leaves.values", "torch.cuda.synchronize()", "batch_size=bs",
-                   "cluster.close()"):
+    for needle in (
+        "local_cuda_cluster()",
+        'NSFWModelPlugin(device="cuda")',
+        '"dataframe.backend": "cudf"',
+        "map_partitions(score_nsfw)",
+        "data_ptr()",
+        "list.leaves.values",
+        "torch.cuda.synchronize()",
+        "batch_size=bs",
+        "cluster.close()",
+    ):
         assert needle in code, f"{GPU_NB.name} lost {needle!r}"
 
 
@@ -100,11 +118,15 @@ def test_cpu_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     # installed: a "python3" spec on JUPYTER_PATH comes before user and system ones.
     spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (nsfw_dask tests)",
-        "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (nsfw_dask tests)",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MPLBACKEND", "Agg")  # headless, as on CI: the notebook must not need a display
     workdir = tmp_path / "run"
@@ -117,8 +139,9 @@ def test_cpu_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         " 'model_dir': os.environ.get('NSFW_DASK_MODEL_DIR')}))"
     )
     nb.cells.insert(0, probe)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(workdir)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     t0 = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - t0

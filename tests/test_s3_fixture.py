@@ -80,8 +80,12 @@ def test_subprocess_sees_same_bytes(s3: S3) -> None:
         f"with fsspec.open({s3.url('from-child')!r}, 'wb') as f:\n"
         "    f.write(b'child')\n"
     )
-    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
-                       capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == repr(payload)
     assert s3.fs.cat(s3.url("from-child")) == b"child"
@@ -107,10 +111,13 @@ def test_subprocess_follows_the_env_endpoint(s3: S3) -> None:
     with socket.socket() as dead:  # bound, never listening: connections are refused
         dead.bind(("127.0.0.1", 0))
         port = dead.getsockname()[1]
-        env = {**os.environ, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-               "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                           timeout=CHILD_TIMEOUT)
+        env = {
+            **os.environ,
+            "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_MAX_ATTEMPTS": "1",
+            "AWS_RETRY_MODE": "standard",
+        }
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT)
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert f"127.0.0.1:{port}" in r.stdout, r.stdout
 
@@ -147,8 +154,12 @@ def test_dask_worker_process_reads_and_writes(s3: S3) -> None:
     from distributed import Client, LocalCluster
 
     s3.fs.pipe(s3.url("x"), b"for the worker")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      worker_dashboard_address=":0") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         pid, data = c.submit(_read_in_worker, s3.url("x"), pure=False).result(timeout=60)
         assert pid != os.getpid()
         assert data == b"for the worker"

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 
 import nsfw_dask
-from _frames import embedding_array
 from nsfw_dask import NSFWScorer, nsfw_meta, score_nsfw
+
+from _frames import embedding_array
 
 pytestmark = pytest.mark.weights
 
@@ -134,8 +135,10 @@ def test_error_surfaces_from_dask_compute(l14_ref):
     x = l14_ref["inputs"][:20]
     rows = [list(r) for r in x]
     rows[13] = rows[13][:767]
-    df = pd.DataFrame({"emb": pd.arrays.ArrowExtensionArray(pa.array(rows, type=pa.list_(pa.float32())))},
-                      index=pd.RangeIndex(100, 120))
+    df = pd.DataFrame(
+        {"emb": pd.arrays.ArrowExtensionArray(pa.array(rows, type=pa.list_(pa.float32())))},
+        index=pd.RangeIndex(100, 120),
+    )
     scored = dd.from_pandas(df, npartitions=4, sort=False).map_partitions(score_nsfw)  # meta: fine
     with pytest.raises(ValueError, match=r"row 113 has 767 values, expected 768"):
         scored.compute(scheduler="sync")
@@ -149,14 +152,19 @@ def test_missing_column_fails_at_graph_construction(frame):
 
 def test_meta_inference_object_column_and_all_null(frame):
     # object column (parquet without dtype_backend): the fake partition holds sentinels, not arrays
-    obj = frame.assign(embedding=pd.Series(list(np.stack(frame["embedding"].to_numpy())),
-                                           index=frame.index, dtype=object))
+    obj = frame.assign(
+        embedding=pd.Series(list(np.stack(frame["embedding"].to_numpy())), index=frame.index, dtype=object)
+    )
     ddf = dd.from_pandas(obj, npartitions=3, sort=False)
     scored = ddf.map_partitions(score_nsfw)
     assert scored._meta["nsfw_score"].dtype == np.float32
     assert nsfw_dask.model_cache_info()["loads"] == 0
-    np.testing.assert_allclose(scored.compute(scheduler="sync")["nsfw_score"].to_numpy(),
-                               score_nsfw(frame)["nsfw_score"].to_numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        scored.compute(scheduler="sync")["nsfw_score"].to_numpy(),
+        score_nsfw(frame)["nsfw_score"].to_numpy(),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_scorer_nemo_api(l14_ref, weights_dir):
@@ -183,13 +191,16 @@ def test_scorer_nemo_api(l14_ref, weights_dir):
 def test_model_state_dict_keys_match_laion(weights_dir):
     import torch
 
-    for name, fname, n_lin in [("vit-l-14", "clip_ViT-L-14_openai_binary_nsfw_head.pth", 4),
-                               ("vit-b-32", "clip_ViT-B-32_openai_binary_nsfw_head.pth", 3)]:
+    for name, fname, n_lin in [
+        ("vit-l-14", "clip_ViT-L-14_openai_binary_nsfw_head.pth", 4),
+        ("vit-b-32", "clip_ViT-B-32_openai_binary_nsfw_head.pth", 3),
+    ]:
         sd = torch.load(weights_dir / fname, weights_only=True)
         m = nsfw_dask.NSFWModel(name) if name != "vit-l-14" else nsfw_dask.NSFWModel()
         assert set(m.state_dict()) == set(sd)
         assert set(sd) == {"norm.mean", "norm.variance"} | {
-            f"linear_{i}.{p}" for i in range(1, n_lin + 1) for p in ("weight", "bias")}
+            f"linear_{i}.{p}" for i in range(1, n_lin + 1) for p in ("weight", "bias")
+        }
         m.load_state_dict(sd, strict=True)
         assert m(torch.zeros(5, m.spec.dim)).shape == (5, 1)
 

@@ -15,10 +15,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _frames import make_frame
 
 from nsfw_dask import EmbeddingFormatError, JobError, score_dataset, score_nsfw
 from nsfw_dask.pipeline import JOB_FILE, SUCCESS_FILE
+
+from _frames import make_frame
 
 
 @pytest.fixture
@@ -26,8 +27,12 @@ def client():
     from distributed import Client, LocalCluster
 
     # in-process workers: they see the synthetic model registered in this process
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -41,10 +46,13 @@ def _npy_folder(root: Path, x: np.ndarray, sizes: list[int]) -> Path:
     (root / "metadata").mkdir()
     start = 0
     for i, n in enumerate(sizes):
-        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start:start + n].astype(np.float16))
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", x[start : start + n].astype(np.float16))
         keys = [f"{j:09d}" for j in range(start, start + n)]
-        pq.write_table(pa.table({"url": [f"https://e.org/{k}.jpg" for k in keys], "key": keys}),
-                       root / "metadata" / f"metadata_{i}.parquet", row_group_size=100)
+        pq.write_table(
+            pa.table({"url": [f"https://e.org/{k}.jpg" for k in keys], "key": keys}),
+            root / "metadata" / f"metadata_{i}.parquet",
+            row_group_size=100,
+        )
         start += n
     return root
 
@@ -66,14 +74,17 @@ def test_job_layout_commit_and_resume_on_the_synthetic_head(tmp_path, synthetic_
     x = _x(1500, seed=1)
     src = _npy_folder(tmp_path / "in", x, [700, 300, 500])
     out = tmp_path / "out"
-    s = score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400,
-                      progress=False)
+    s = score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400, progress=False)
     assert (s.rows, s.rows_written, s.partitions, s.partitions_reused) == (1500, 1500, 5, 0)
     names = sorted(p.name for p in out.iterdir())
     parts = [n for n in names if n.startswith("part.")]
-    assert parts == ["part.000000.metadata_0.parquet", "part.000001.metadata_0.parquet",
-                     "part.000002.metadata_1.parquet", "part.000003.metadata_2.parquet",
-                     "part.000004.metadata_2.parquet"]
+    assert parts == [
+        "part.000000.metadata_0.parquet",
+        "part.000001.metadata_0.parquet",
+        "part.000002.metadata_1.parquet",
+        "part.000003.metadata_2.parquet",
+        "part.000004.metadata_2.parquet",
+    ]
     assert set(names) == {*parts, JOB_FILE, SUCCESS_FILE}
     table = pa.concat_tables(pq.read_table(out / p) for p in parts)
     assert table.column_names == ["row_number", "url", "key", "nsfw_score", "is_nsfw"]
@@ -85,17 +96,25 @@ def test_job_layout_commit_and_resume_on_the_synthetic_head(tmp_path, synthetic_
     assert s.over_threshold == int((table["nsfw_score"].to_numpy() >= 0.5).sum())
 
     with pytest.raises(JobError) as e:  # an existing OUTPUT without --resume: refused
-        score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400,
-                      progress=False)
+        score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400, progress=False)
     assert e.value.code == 2 and "--resume" in str(e.value)
     with pytest.raises(JobError, match="threshold"):  # resume with another content option: refused
-        score_dataset(src, out, model="synthetic", client=client, threshold=0.4, rows_per_partition=400,
-                      resume=True, progress=False)
+        score_dataset(
+            src,
+            out,
+            model="synthetic",
+            client=client,
+            threshold=0.4,
+            rows_per_partition=400,
+            resume=True,
+            progress=False,
+        )
     before = {p: (out / p).read_bytes() for p in parts}
     (out / parts[2]).unlink()  # as if killed before that part was committed
     (out / SUCCESS_FILE).unlink()
-    r = score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400,
-                      resume=True, progress=False)
+    r = score_dataset(
+        src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400, resume=True, progress=False
+    )
     assert (r.partitions, r.partitions_reused, r.rows) == (5, 4, 1500)
     assert (out / SUCCESS_FILE).exists()
     assert {p: (out / p).read_bytes() for p in parts} == before  # identical to the uninterrupted run
@@ -107,8 +126,10 @@ def test_bad_row_names_file_and_row_on_the_synthetic_head(tmp_path, synthetic_mo
     rows[17] = rows[17][:767]  # one short row in the second file
     (tmp_path / "in").mkdir()
     for i, (a, b) in enumerate([(0, 10), (10, 40)]):
-        pq.write_table(pa.table({"id": list(range(a, b)), "embedding": pa.array(rows[a:b], type=pa.list_(pa.float32()))}),
-                       tmp_path / "in" / f"f{i}.parquet")
+        pq.write_table(
+            pa.table({"id": list(range(a, b)), "embedding": pa.array(rows[a:b], type=pa.list_(pa.float32()))}),
+            tmp_path / "in" / f"f{i}.parquet",
+        )
     with pytest.raises(EmbeddingFormatError) as e:
         score_dataset(tmp_path / "in", tmp_path / "out", model="synthetic", client=client, progress=False)
     msg = str(e.value)

@@ -199,9 +199,7 @@ def test_fetch_replaces_a_corrupted_file(
 
 
 @pytest.mark.parametrize("tamper", sorted(TAMPER))
-def test_fetch_rejects_wrong_bytes(
-    tmp_path: Path, server: LocalServer, l14_bytes: bytes, tamper: str
-) -> None:
+def test_fetch_rejects_wrong_bytes(tmp_path: Path, server: LocalServer, l14_bytes: bytes, tamper: str) -> None:
     url = server.serve("/bad.pth", body=TAMPER[tamper](l14_bytes))
     with pytest.raises(WeightsIntegrityError) as ei:
         fetch_weights("vit-l-14", tmp_path, url=url)
@@ -252,9 +250,7 @@ def test_fetch_http_error_keeps_an_existing_verified_file_when_forced(
 
 
 @pytest.mark.parametrize("where", ["before-headers", "mid-body"])
-def test_fetch_stalled_server_times_out(
-    tmp_path: Path, server: LocalServer, l14_bytes: bytes, where: str
-) -> None:
+def test_fetch_stalled_server_times_out(tmp_path: Path, server: LocalServer, l14_bytes: bytes, where: str) -> None:
     stall_after = None if where == "before-headers" else 1000
     url = server.serve("/slow.pth", body=l14_bytes, delay=20.0, stall_after=stall_after)
     t0 = time.monotonic()
@@ -365,7 +361,11 @@ def test_concurrent_processes_download_once(tmp_path: Path, server: LocalServer,
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, str(sync / f"ready{i}"), str(go), str(target), url],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(tmp_path),
         )
         for i in range(n)
     ]
@@ -388,14 +388,14 @@ def test_concurrent_processes_download_once(tmp_path: Path, server: LocalServer,
         if watcher.is_alive():
             watcher.join(5)
 
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert server.hits["/slow.pth"] == 1
     assert {r["path"] for r in results} == {str(target / L14.filename)}
     assert {r["sha"] for r in results} == {L14.sha256}
     # They really overlapped: every process asked while the single download was still running.
-    (start, end), = server.spans
+    ((start, end),) = server.spans
     assert all(r["t0"] < end for r in results), (results, server.spans)
     assert end - start > 0.3
     assert not bad, bad
@@ -410,9 +410,7 @@ def test_concurrent_processes_download_once(tmp_path: Path, server: LocalServer,
 # --------------------------------------------------------------------------------------------
 
 
-def test_resolve_order(
-    tmp_path: Path, user_cache: Path, monkeypatch: pytest.MonkeyPatch, l14_bytes: bytes
-) -> None:
+def test_resolve_order(tmp_path: Path, user_cache: Path, monkeypatch: pytest.MonkeyPatch, l14_bytes: bytes) -> None:
     explicit = put(tmp_path / "explicit", L14.filename, l14_bytes)
     env_dir = put(tmp_path / "env", L14.filename, l14_bytes)
     cached = put(user_cache, L14.filename, l14_bytes)
