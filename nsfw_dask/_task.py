@@ -1,0 +1,343 @@
+"""One task of the job, on a worker: read a partition, score it, build its output table, write
+the part and commit it (a local rename or one object-store upload), then verify it from its
+footer.  Only a few numbers per part go back to the client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._plan import ROW_NUMBER_COLUMN, Part, Plan
+from ._version import __version__
+from .exceptions import EmbeddingFormatError, JobError
+from .io import is_local, show_path
+from .summary import encode_histogram, histogram
+
+__all__ = [
+    "IS_NSFW_COLUMN",
+    "Options",
+    "TMP_NAME",
+    "part_ok",
+    "read_part_info",
+    "run_part",
+    "tmp_name",
+]
+
+logger = logging.getLogger(__name__)
+
+
+IS_NSFW_COLUMN = "is_nsfw"
+
+
+_PART_KEY = b"nsfw_dask.part"
+
+
+# the writer settings: dictionary encoding only where it pays (see docs/performance.md)
+_WRITE_OPTS: dict[str, Any] = {"compression": "snappy"}
+
+
+@dataclass(frozen=True)
+class Options:
+    model: str
+    exact: bool
+    score_column: str
+    threshold: float | None
+    filter: str
+    keep_embeddings: Any
+    batch_size: int | None
+    device: str | None
+    model_dir: str | None
+
+
+def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]:
+    """The part's other columns (an Arrow table) and its embedding column (an Arrow array)."""
+    from . import io as _io
+
+    fs = plan.in_fs
+    if plan.kind == "parquet_npy":
+        assert part.npy is not None
+        emb = _io._read_npy(fs, part.npy, part.start, part.stop)
+        if not emb.dtype.isnative:
+            emb = emb.astype(emb.dtype.newbyteorder("="))
+        values = pa.array(np.ascontiguousarray(emb).reshape(-1))  # a view of the memory map when local
+        lists = pa.FixedSizeListArray.from_arrays(values, emb.shape[1])
+        table = _io._read_rows(fs, part.source, part.start, part.stop)
+        drop = [n for n in table.column_names if _io._PANDAS_INDEX.fullmatch(n)]
+        table = table.drop_columns(drop) if drop else table
+        table = table.replace_schema_metadata(None)
+        rows = pa.array(np.arange(part.offset + part.start, part.offset + part.stop, dtype=np.int64))
+        table = table.add_column(0, ROW_NUMBER_COLUMN, rows)
+        return table, lists
+    table = _io._read_rows(fs, part.source, part.start, part.stop)
+    col = table.column(plan.column)  # one chunk per row group: scored chunk by chunk, never combined
+    return table.drop_columns([plan.column]), col
+
+
+def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> np.ndarray:
+    import pandas as pd
+
+    from .scoring import score_nsfw
+
+    frame = pd.DataFrame({plan.column: pd.arrays.ArrowExtensionArray(emb)}, index=pd.RangeIndex(part.start, part.stop))
+    try:
+        out = score_nsfw(
+            frame,
+            column=plan.column,
+            model=opts.model,
+            exact=opts.exact,
+            batch_size=opts.batch_size,
+            device=opts.device,
+            model_dir=opts.model_dir,
+            score_column="__nsfw_score__",
+        )
+    except EmbeddingFormatError as e:
+        shown = show_path(plan.in_fs, part.npy or part.source)
+        raise EmbeddingFormatError(
+            f"{shown}, rows {part.start}-{part.stop - 1} of that file (row numbers count from 0 within the file): {e}"
+        ) from None
+    return np.asarray(out["__nsfw_score__"].to_numpy(), dtype=np.float32)
+
+
+def _embedding_as_binary(emb: pa.Array) -> pa.Array:
+    """The vectors as fixed_size_binary(dim * itemsize): the raw bytes, no list levels to encode."""
+    if isinstance(emb, pa.ChunkedArray):
+        emb = emb.combine_chunks()
+    vt = emb.type.value_type
+    item = np.dtype(vt.to_pandas_dtype()).itemsize
+    n = len(emb)
+    if pa.types.is_fixed_size_list(emb.type) and emb.null_count == 0 and emb.values.null_count == 0:
+        dim = emb.type.list_size  # the values buffer already is the rows' bytes: no copy
+        values = emb.values.slice(emb.offset * dim, n * dim)
+        buf = values.buffers()[1]
+        start = values.offset * item
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * item), n, [None, buf.slice(start, n * dim * item)])
+    if pa.types.is_fixed_size_list(emb.type):
+        dim = emb.type.list_size
+    else:
+        lengths = pc_list_lengths(emb)
+        dim = int(np.max(lengths)) if n and np.any(lengths >= 0) else 0
+    flat = np.zeros((n, dim), dtype=np.dtype(vt.to_pandas_dtype()))
+    valid = np.asarray(emb.is_valid())
+    if n and valid.any():
+        values = emb.flatten()
+        if values.null_count:
+            values = values.fill_null(float("nan"))
+        flat[valid] = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    mask = None if valid.all() else pa.array(valid).buffers()[1]
+    arr = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(dim * item), n, [mask, pa.py_buffer(flat)], null_count=int(n - valid.sum())
+    )
+    return arr
+
+
+def pc_list_lengths(emb: pa.Array) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return np.asarray(pc.list_value_length(emb).fill_null(-1), dtype=np.int64)
+
+
+def _output_table(
+    plan: Plan, part: Part, table: pa.Table, emb: pa.Array, scores: np.ndarray, opts: Options, stats: dict[str, Any]
+) -> pa.Table:
+    out = table
+    if opts.keep_embeddings == "list":
+        out = out.append_column(plan.column, emb)
+    elif opts.keep_embeddings:
+        vt = emb.type.value_type
+        f = pa.field(
+            plan.column,
+            pa.binary(1),
+            metadata={
+                b"nsfw_dask.embedding": json.dumps(
+                    {"dtype": str(np.dtype(vt.to_pandas_dtype())), "byteorder": "little", "arrow_type": str(emb.type)}
+                ).encode()
+            },
+        )
+        b = _embedding_as_binary(emb)
+        out = out.append_column(f.with_type(b.type), b)
+    nan = np.isnan(scores)
+    s_arr = pa.array(scores, type=pa.float32())
+    out = out.append_column(opts.score_column, s_arr)
+    if opts.threshold is not None:
+        flags = pa.array(scores >= opts.threshold, mask=nan, type=pa.bool_())
+        out = out.append_column(IS_NSFW_COLUMN, flags)
+    if opts.filter != "none":
+        keep = (scores < opts.threshold) if opts.filter == "keep-safe" else (scores >= opts.threshold)
+        keep &= ~nan
+        out = out.filter(pa.array(keep))
+    out = out.replace_schema_metadata(_schema_metadata(plan, opts, part, stats, out.num_rows))
+    return out
+
+
+def _schema_metadata(
+    plan: Plan, opts: Options, part: Part, stats: dict[str, Any], rows_written: int
+) -> dict[bytes, bytes]:
+    md: dict[bytes, bytes] = {}
+    pandas_md = _output_pandas_metadata(plan, opts)
+    if pandas_md is not None:
+        md[b"pandas"] = json.dumps(pandas_md).encode()
+    info = {
+        "job": plan.job_id,
+        "part": part.index,
+        "source": show_path(plan.in_fs, part.npy or part.source),
+        "rows": [part.start, part.stop],
+        "input_rows": part.rows,
+        "rows_written": rows_written,
+        "nan_scores": stats["nan_scores"],
+        "over_threshold": stats["over_threshold"],
+        "histogram": encode_histogram(stats["histogram"]),
+        "version": __version__,
+    }
+    md[_PART_KEY] = json.dumps(info).encode()
+    return md
+
+
+_ADDED_PANDAS_COLUMNS: dict[str, dict[str, Any]] = {
+    "score": {"pandas_type": "float32", "numpy_type": "float32", "metadata": None},
+    IS_NSFW_COLUMN: {"pandas_type": "bool", "numpy_type": "boolean", "metadata": None},
+    ROW_NUMBER_COLUMN: {"pandas_type": "int64", "numpy_type": "int64", "metadata": None},
+}
+
+
+def _output_pandas_metadata(plan: Plan, opts: Options) -> dict[str, Any] | None:
+    """pandas metadata for a part: the input's (stored index kept; a RangeIndex becomes pandas'
+    default, since a part is a slice) with entries for the columns we add, so that plain
+    ``pd.read_parquet`` gives float32 scores and a nullable boolean ``is_nsfw``."""
+    base = plan.pandas_metadata if plan.kind == "parquet" else None
+    md: dict[str, Any] = (
+        dict(base)
+        if base
+        else {
+            "index_columns": [],
+            "column_indexes": [],
+            "columns": [],
+            "creator": {"library": "nsfw_dask", "version": __version__},
+            "pandas_version": _pandas_version(),
+        }
+    )
+    index_cols = [c for c in md.get("index_columns", []) if isinstance(c, str)]
+    md["index_columns"] = index_cols
+    columns = [c for c in md.get("columns", []) if c.get("field_name") != plan.column]
+    have = {c.get("field_name") for c in columns}
+
+    def add(name: str, kind: str) -> None:
+        if name not in have:
+            columns.append({"name": name, "field_name": name, **_ADDED_PANDAS_COLUMNS[kind]})
+
+    if plan.kind == "parquet_npy":
+        add(ROW_NUMBER_COLUMN, ROW_NUMBER_COLUMN)
+    add(opts.score_column, "score")
+    if opts.threshold is not None:
+        add(IS_NSFW_COLUMN, IS_NSFW_COLUMN)
+    md["columns"] = columns
+    return md
+
+
+def _pandas_version() -> str:
+    import pandas as pd
+
+    return pd.__version__
+
+
+def tmp_name(name: str) -> str:
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+TMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _write_committed(fs: Any, root: str, name: str, table: pa.Table) -> None:
+    """Write ``table`` so that ``root/name`` appears only complete: a rename, or one upload."""
+    final = f"{root}/{name}"
+    if is_local(fs):
+        tmp = f"{root}/{tmp_name(name)}"
+        try:
+            pq.write_table(table, tmp, **_write_options(table))
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, **_write_options(table))
+    fs.pipe_file(final, buf.getvalue().to_pybytes())  # one PUT: the object exists only when complete
+
+
+def _write_options(table: pa.Table) -> dict[str, Any]:
+    """Dictionary-encode only the columns where it pays: strings of few distinct values.
+
+    Trying a dictionary on unique strings (URLs, captions) and falling back costs ~35% of the
+    write; binary embedding bytes never repeat.
+    """
+    opts = dict(_WRITE_OPTS)
+    dict_cols = []
+    for f in table.schema:
+        t = f.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            col = table.column(f.name)
+            sample = col.slice(0, 4096)
+            if len(sample) and len(sample.unique()) <= len(sample) // 4:
+                dict_cols.append(f.name)
+        elif pa.types.is_dictionary(t) or pa.types.is_boolean(t):
+            dict_cols.append(f.name)
+    opts["use_dictionary"] = dict_cols
+    return opts
+
+
+def read_part_info(fs: Any, path: str) -> tuple[int, dict[str, Any] | None]:
+    """Rows and our footer record of a committed part (None if it has none)."""
+    if is_local(fs):
+        md = pq.read_metadata(path)
+    else:
+        with fs.open(path, "rb") as f:
+            md = pq.read_metadata(f)
+    kv = md.metadata or {}
+    raw = kv.get(_PART_KEY)
+    return md.num_rows, (json.loads(raw) if raw else None)
+
+
+def part_ok(plan: Plan, part: Part, rows: int, info: dict[str, Any] | None) -> bool:
+    return (
+        info is not None
+        and info.get("job") == plan.job_id
+        and info.get("part") == part.index
+        and info.get("rows") == [part.start, part.stop]
+        and info.get("rows_written") == rows
+    )
+
+
+def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
+    """One task: read, score, write and commit a part, then verify it from its footer.
+
+    Returns the part's numbers for the summary (a few hundred bytes after compression).
+    """
+    table, emb = _load(plan, part)
+    scores = _score(plan, part, emb, opts) if part.rows else np.zeros(0, np.float32)
+    nan = np.isnan(scores)
+    stats = {
+        "nan_scores": int(nan.sum()),
+        "over_threshold": int((scores >= opts.threshold).sum()) if opts.threshold is not None else 0,
+        "histogram": histogram(scores),
+    }
+    out = _output_table(plan, part, table, emb, scores, opts, stats)
+    del table, emb
+    _write_committed(plan.out_fs, plan.out_root, part.name, out)
+    rows, info = read_part_info(plan.out_fs, f"{plan.out_root}/{part.name}")
+    if rows != out.num_rows or not part_ok(plan, part, rows, info):
+        raise JobError(
+            f"{show_path(plan.out_fs, plan.out_root + '/' + part.name)} was written with "
+            f"{out.num_rows} rows but reads back as {rows}; the storage lost data. Rerun with --resume."
+        )
+    return {"part": part.index, "rows": part.rows, "rows_written": rows, "reused": False, **stats}

@@ -1,0 +1,129 @@
+"""The job's summary: counts and a fixed-bin histogram of the scores per part, reduced on the
+client; quantiles from that histogram; the progress line."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "HIST_BINS",
+    "Progress",
+    "QUANTILES",
+    "Summary",
+    "add_part",
+    "decode_histogram",
+    "encode_histogram",
+    "histogram",
+    "quantiles_from_histogram",
+]
+
+logger = logging.getLogger(__name__)
+
+
+HIST_BINS = 10_000  # summary quantiles are exact to 1 / HIST_BINS
+
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+@dataclass
+class Summary:
+    """What :func:`score_dataset` did.  ``to_dict()`` is what ``--json`` prints."""
+
+    rows: int = 0
+    rows_written: int = 0
+    partitions: int = 0
+    partitions_reused: int = 0
+    nan_scores: int = 0
+    over_threshold: int = 0
+    threshold: float | None = None
+    seconds: float = 0.0
+    compute_seconds: float = 0.0
+    rows_per_s: float = 0.0
+    output: str = ""
+    quantiles: dict[str, float | None] = field(default_factory=dict)
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field but the histogram."""
+        d = asdict(self)
+        d.pop("histogram")
+        return d
+
+
+def histogram(scores: np.ndarray) -> np.ndarray:
+    """Counts of the finite scores in ``HIST_BINS`` equal bins of [0, 1] (bin k: [k, k+1) / HIST_BINS)."""
+    v = np.asarray(scores, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    k = np.clip(np.floor(v * HIST_BINS), 0, HIST_BINS - 1).astype(np.intp)
+    return np.bincount(k, minlength=HIST_BINS).astype(np.int64)
+
+
+def quantiles_from_histogram(hist: np.ndarray, qs: tuple[float, ...] = QUANTILES) -> dict[str, float | None]:
+    """Each quantile as the lower edge of its bin: the true value lies in [q, q + 1/HIST_BINS).
+
+    Same definition as ``np.quantile(scores, q, method="inverted_cdf")``: the smallest score
+    whose share of rows at or below it reaches q.
+    """
+    cum = np.cumsum(np.asarray(hist, dtype=np.int64))
+    n = int(cum[-1]) if len(cum) else 0
+    out: dict[str, float | None] = {}
+    for q in qs:
+        key = f"p{round(q * 100):02d}"
+        if n == 0:
+            out[key] = None
+            continue
+        k = int(np.searchsorted(cum, q * n, side="left"))
+        out[key] = k / HIST_BINS
+    return out
+
+
+def encode_histogram(h: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(np.asarray(h, "<i8").tobytes(), 6)).decode()
+
+
+def decode_histogram(s: str) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(s)), "<i8").astype(np.int64)
+
+
+class Progress:
+    """One status line on stderr: parts done, rows, rows/s."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.last = 0.0
+        self.t0 = time.perf_counter()
+
+    def update(self, done: int, rows: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < 0.5):
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(1, self.total))
+        rate = rows / max(1e-9, now - self.t0)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{' ' * (width - filled)}] {done}/{self.total} parts, {rows:,} rows, {rate:,.0f} rows/s "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def add_part(summary: Summary, r: dict[str, Any]) -> None:
+    summary.rows += r["rows"]
+    summary.rows_written += r["rows_written"]
+    summary.nan_scores += r["nan_scores"]
+    summary.over_threshold += r["over_threshold"]
+    summary.histogram = summary.histogram + r["histogram"]
