@@ -25,7 +25,7 @@ load) cancel and what remains is the per-row cost of the job at scale.  Runs are
 * ``cli_parquet``: the CLI on the list<float32> parquet copy.  ``read_only_parquet``: a whole
   process that starts the same LocalCluster the CLI starts by default
   (``nsfw_dask.pipeline.default_cluster_shape``) and, per partition of the same plan (``plan_input``), only
-  reads that partition with the job's own reader (``nsfw_dask.io._read_rows``) and returns its row
+  reads that partition with the job's own reader (``nsfw_dask.io.read_parquet_rows``) and returns its row
   count: the floor.  ``overhead`` = (CLI marginal time - read marginal time) / read marginal time
   (target <= 0.10); the marginal time includes scoring and writing.
 * ``memory``: the CLI on SMALL and LARGE parquet_npy with ``--rows-per-partition`` = the SMALL
@@ -103,9 +103,9 @@ import json, logging, os, sys, time
 
 
 def read_part(fs, part):
-    from nsfw_dask.io import _read_rows
+    from nsfw_dask.io import read_parquet_rows
 
-    return _read_rows(fs, part.source, part.start, part.stop).num_rows
+    return read_parquet_rows(fs, part.source, part.start, part.stop).num_rows
 
 
 def main():

@@ -267,7 +267,7 @@ def plan_input(
     not parquet (empty, truncated), files whose schemas differ, a missing or non-float embedding
     column, and embeddings whose width does not fit ``model``.
     """
-    from . import io as _io
+    from . import io
 
     spec = get_spec(model)
     given = os.fspath(input)
@@ -299,15 +299,15 @@ def plan_input(
     if kind == "parquet_npy":
         emb = column or "embedding"
         try:
-            pairs = _io._pairs(fs, root)
+            pairs = io.parquet_npy_pairs(fs, root)
         except FileNotFoundError as e:
             raise JobError(f"INPUT {given}: {e}; add the .npy files or pass another folder.") from e
         except EmbeddingFormatError as e:
             raise JobError(f"INPUT {given}: {e}") from e
-        headers = map_threads(lambda p: _io._npy_header(fs, p[0]), pairs)
+        headers = map_threads(lambda p: io.npy_header(fs, p[0]), pairs)
         footers = map_threads(lambda p: _footer(fs, p[1]), pairs)
         schema0 = footers[0].schema.to_arrow_schema()
-        names0 = [n for n in schema0.names if not _io._PANDAS_INDEX.fullmatch(n)]
+        names0 = [n for n in schema0.names if not io.PANDAS_INDEX.fullmatch(n)]
         if emb in names0:
             raise JobError(
                 f"{show_path(fs, pairs[0][1])} already has a column {emb!r}; pass --column with "
@@ -350,7 +350,7 @@ def plan_input(
                     f"{where} has {shape[0]} rows but {show_path(fs, meta)} has {md.num_rows}: the "
                     "pair must describe the same images in the same order."
                 )
-            names = [n for n in md.schema.to_arrow_schema().names if not _io._PANDAS_INDEX.fullmatch(n)]
+            names = [n for n in md.schema.to_arrow_schema().names if not io.PANDAS_INDEX.fullmatch(n)]
             if names != names0:
                 raise JobError(
                     f"{show_path(fs, meta)} has columns {names} but {show_path(fs, pairs[0][1])} has "

@@ -62,24 +62,24 @@ class Options:
 
 def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]:
     """The part's other columns (an Arrow table) and its embedding column (an Arrow array)."""
-    from . import io as _io
+    from . import io
 
     fs = plan.in_fs
     if plan.kind == "parquet_npy":
         assert part.npy is not None
-        emb = _io._read_npy(fs, part.npy, part.start, part.stop)
+        emb = io.read_npy_rows(fs, part.npy, part.start, part.stop)
         if not emb.dtype.isnative:
             emb = emb.astype(emb.dtype.newbyteorder("="))
         values = pa.array(np.ascontiguousarray(emb).reshape(-1))  # a view of the memory map when local
         lists = pa.FixedSizeListArray.from_arrays(values, emb.shape[1])
-        table = _io._read_rows(fs, part.source, part.start, part.stop)
-        drop = [n for n in table.column_names if _io._PANDAS_INDEX.fullmatch(n)]
+        table = io.read_parquet_rows(fs, part.source, part.start, part.stop)
+        drop = [n for n in table.column_names if io.PANDAS_INDEX.fullmatch(n)]
         table = table.drop_columns(drop) if drop else table
         table = table.replace_schema_metadata(None)
         rows = pa.array(np.arange(part.offset + part.start, part.offset + part.stop, dtype=np.int64))
         table = table.add_column(0, ROW_NUMBER_COLUMN, rows)
         return table, lists
-    table = _io._read_rows(fs, part.source, part.start, part.stop)
+    table = io.read_parquet_rows(fs, part.source, part.start, part.stop)
     col = table.column(plan.column)  # one chunk per row group: scored chunk by chunk, never combined
     return table.drop_columns([plan.column]), col
 

@@ -31,7 +31,7 @@ _NPY = re.compile(r"img_emb_(\d+)\.npy")
 _META = re.compile(r"metadata_(\d+)\.parquet")
 # pandas stores an *unnamed* non-range index as ``__index_level_N__``; we replace the index, so
 # these anonymous columns are dropped (named index levels are ordinary columns and are kept).
-_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+PANDAS_INDEX = re.compile(r"__index_level_\d+__")
 
 
 def _url_to_fs(path: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -86,7 +86,7 @@ def _numbered(fs: Any, folder: str, suffix: str, pattern: re.Pattern[str]) -> di
     return found
 
 
-def _pairs(fs: Any, root: str) -> list[tuple[str, str]]:
+def parquet_npy_pairs(fs: Any, root: str) -> list[tuple[str, str]]:
     """The ``(npy, parquet)`` pairs of a parquet_npy folder, in numeric order of N."""
     npys = _numbered(fs, f"{root}/img_emb", ".npy", _NPY)
     metas = _numbered(fs, f"{root}/metadata", ".parquet", _META)
@@ -127,7 +127,7 @@ def _read_header(f: Any, shown: str) -> tuple[tuple[int, ...], np.dtype[Any], bo
     return shape, dtype, fortran, f.tell()
 
 
-def _npy_header(fs: Any, path: str) -> tuple[tuple[int, ...], np.dtype[Any], bool, int]:
+def npy_header(fs: Any, path: str) -> tuple[tuple[int, ...], np.dtype[Any], bool, int]:
     """:func:`_read_header` of ``path``, reading only the header."""
     with fs.open(path, "rb") as f:
         return _read_header(f, show_path(fs, path))
@@ -141,7 +141,7 @@ def _to_pandas(table: pa.Table, start: int = 0) -> pd.DataFrame:
     column; an unnamed stored index (``__index_level_N__``) is dropped.
     """
     df = table.to_pandas(types_mapper=pd.ArrowDtype, ignore_metadata=True)
-    drop = [c for c in df.columns if isinstance(c, str) and _PANDAS_INDEX.fullmatch(c)]
+    drop = [c for c in df.columns if isinstance(c, str) and PANDAS_INDEX.fullmatch(c)]
     if drop:
         df = df.drop(columns=drop)
     pandas_md = table.schema.pandas_metadata or {}
@@ -154,7 +154,7 @@ def _to_pandas(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
-def _read_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
+def read_parquet_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of a parquet file, reading only the row groups that hold them."""
 
     def read(pf: pq.ParquetFile) -> pa.Table:
@@ -175,7 +175,7 @@ def _read_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
         return read(pf)
 
 
-def _read_npy(fs: Any, npy: str, start: int, stop: int) -> np.ndarray:
+def read_npy_rows(fs: Any, npy: str, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of a 2-d ``.npy``: a view of the memory map when local."""
     if is_local(fs):
         return np.load(npy, mmap_mode="r")[start:stop]
@@ -196,10 +196,10 @@ def _load_part(part: tuple[str, str, int, int, int], column: str, fs: Any = None
         from fsspec.implementations.local import LocalFileSystem
 
         fs = LocalFileSystem()
-    emb = _read_npy(fs, npy, start, stop)
+    emb = read_npy_rows(fs, npy, start, stop)
     if not emb.dtype.isnative:
         emb = emb.astype(emb.dtype.newbyteorder("="))
-    df = _to_pandas(_read_rows(fs, meta, start, stop), start)
+    df = _to_pandas(read_parquet_rows(fs, meta, start, stop), start)
     # a view of the memory map when C-contiguous; pa.array wraps it without copying
     values = pa.array(np.asarray(emb).reshape(-1))
     lists = pa.FixedSizeListArray.from_arrays(values, emb.shape[1])
@@ -264,7 +264,7 @@ def read_embeddings(
     rows_per_partition = int(rows_per_partition)
     fs, root = _url_to_fs(path)
     parts: list[tuple[str, str, int, int, int]] = []
-    pairs = _pairs(fs, root)
+    pairs = parquet_npy_pairs(fs, root)
     # the first pair sets the frame's columns, embedding dtype and width; the others must agree
     npy0, meta0 = pairs[0]
     dtype0: np.dtype[Any] | None = None
@@ -273,7 +273,7 @@ def read_embeddings(
     names0: list[Any] = []
     offset = 0
     for npy, meta in pairs:
-        shape, dtype, _, data_offset = _npy_header(fs, npy)
+        shape, dtype, _, data_offset = npy_header(fs, npy)
         if len(shape) != 2 or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
             raise EmbeddingFormatError(
                 f"{show_path(fs, npy)} holds a {dtype} array of shape {shape}; expected (rows, dim) floats."
@@ -317,7 +317,7 @@ def read_embeddings(
         for start in range(0, shape[0], rows_per_partition):
             parts.append((npy, meta, start, min(start + rows_per_partition, shape[0]), offset))
         offset += shape[0]
-    assert dtype0 is not None  # _pairs raised if there were no files
+    assert dtype0 is not None  # parquet_npy_pairs raised if there were no files
 
     meta_df = _to_pandas(schema0.empty_table())  # from the footer: no data read
     list_type = pa.list_(pa.from_numpy_dtype(dtype0), width0)
