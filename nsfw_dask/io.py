@@ -165,7 +165,10 @@ def read_parquet_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
         groups = [i for i in range(md.num_row_groups) if bounds[i] < stop and bounds[i + 1] > start]
         if not groups:
             return pf.schema_arrow.empty_table()
-        table = pf.read_row_groups(groups)
+        # decoded in the calling thread: parallelism comes from the job's tasks (one per Dask
+        # thread), and inside a Dask worker pyarrow's own pool has one thread (the nanny sets
+        # OMP_NUM_THREADS=1, which sizes it), so every task's decode would queue behind it
+        table = pf.read_row_groups(groups, use_threads=False)
         return table.slice(start - bounds[groups[0]], stop - start)
 
     if is_local(fs):
