@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._specs import MODEL_SPECS, ModelSpec
 from .exceptions import EmbeddingColumnError, EmbeddingFormatError
-from .models import MODEL_SPECS, ModelSpec
 
 
 def dim_hint(got: int, spec: ModelSpec) -> str:

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._specs import get_spec
 from .exceptions import EmbeddingFormatError, JobError
 from .io import is_local, show_path
-from .models import get_spec
 
 __all__ = [
     "DEFAULT_ROWS_PER_PARTITION",

@@ -553,8 +553,8 @@ def cmd_fetch_weights(args: SimpleNamespace) -> int:
     else:
         print(resolve_weights(args.model, download=True).path)
     if args.exact:
+        from ._specs import get_spec
         from .exact import load_vocabulary, read_savedmodel_vocabulary, write_vocabulary_cache
-        from .models import get_spec
         from .weights import fetch_file
 
         keras = get_spec(args.model).keras
@@ -579,7 +579,7 @@ def cmd_fetch_weights(args: SimpleNamespace) -> int:
 
 def cmd_demo(args: SimpleNamespace) -> int:
     from . import demo
-    from .models import MODEL_SPECS
+    from ._specs import MODEL_SPECS
 
     spec = MODEL_SPECS[args.model]
     try:

@@ -7,136 +7,17 @@ LAION's published ``.pth`` files (``norm.mean``, ``norm.variance``, ``linear_1``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ._specs import MODEL_SPECS, KerasSpec, ModelSpec, get_spec
+
 if TYPE_CHECKING:
     from .weights import WeightsInfo
 
 __all__ = ["MODEL_SPECS", "KerasSpec", "ModelSpec", "NSFWModel", "Normalization", "get_spec"]
-
-_LAION_COMMIT = "d499e9c87c68f1abf5418caef823c7b609714ca3"
-_LAION_RAW = f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_LAION_COMMIT}/models"
-# LAION's original AutoKeras SavedModels (``exact=True``), pinned to the commit that added them.
-_LAION_KERAS_COMMIT = "d6bb8fe31fd4aecbfed7dfb62df4fe5858bfc014"
-_LAION_KERAS_RAW = f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_LAION_KERAS_COMMIT}"
-
-
-@dataclass(frozen=True)
-class KerasSpec:
-    """LAION's original AutoKeras SavedModel for one head: where its vocabularies come from.
-
-    ``columns`` are the MultiCategoryEncoding columns (checked against the SavedModel's own
-    metadata when it is read); ``vocab_digest`` pins what is extracted from it (see
-    :func:`nsfw_dask.vocabulary.vocabulary_digest`), so a reader bug or a changed file cannot go
-    unnoticed.
-    """
-
-    filename: str
-    url: str
-    sha256: str
-    columns: tuple[int, ...]
-    vocab_digest: str
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything that identifies one LAION head: shape, weights file, where to get it.
-
-    :data:`MODEL_SPECS` is the one place where the pinned digests and URLs live: ``sha256`` of
-    LAION's ``.pth`` bytes, ``content_digest`` of its tensors, and (``keras``) the SHA-256 and
-    vocabulary digest of LAION's original SavedModel zip; :mod:`nsfw_dask.weights` and
-    :mod:`nsfw_dask.vocabulary` read them from here.
-    """
-
-    name: str
-    clip_model: str
-    layers: tuple[int, ...]  # input dim, hidden dims..., 1
-    filename: str
-    url: str
-    sha256: str
-    # Other names the same weights are published under (NeMo Curator's layout), relative to a
-    # model folder.  Their bytes are not pinned, so they are verified by tensor content instead.
-    alias_paths: tuple[str, ...] = ()
-    model_id: str = ""
-    keras: KerasSpec | None = None
-    # Digest of the tensors (names, dtypes, shapes, bytes; see
-    # :func:`nsfw_dask.weights.state_dict_digest`) of LAION's file: accepts the same weights
-    # stored under other names or containers (``alias_paths``).
-    content_digest: str = ""
-
-    @property
-    def dim(self) -> int:
-        return self.layers[0]
-
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    "vit-l-14": ModelSpec(
-        name="vit-l-14",
-        clip_model="CLIP ViT-L/14",
-        layers=(768, 64, 512, 256, 1),
-        filename="clip_ViT-L-14_openai_binary_nsfw_head.pth",
-        url=f"{_LAION_RAW}/clip_ViT-L-14_openai_binary_nsfw_head.pth",
-        sha256="fc4d70d2eea4e948d13bc27bf7114f5e8d3bd317eb01a4b49b35dcf1a3d672c6",
-        alias_paths=(
-            "laion/clip-autokeras-binary-nsfw/clip_autokeras_binary_nsfw.pth",
-            "clip_autokeras_binary_nsfw.pth",
-        ),
-        model_id="laion/clip-autokeras-binary-nsfw",
-        keras=KerasSpec(
-            filename="clip_autokeras_binary_nsfw.zip",
-            url=f"{_LAION_KERAS_RAW}/clip_autokeras_binary_nsfw.zip",
-            sha256="905520bb0336accc73ee282c605d926aef90cf14248889d44b9cee50eef71f8a",
-            columns=(180, 316, 413, 440, 644),
-            vocab_digest="9c5038d5a44e6061bfd30dcf6dd4ca88462d1290dd86e557ab888f0d79d399c0",
-        ),
-        content_digest="a30f02c2948427679a46f2bfc4cfb14bf0ef5cde1702489edbe9f5595dfec905",
-    ),
-    "vit-b-32": ModelSpec(
-        name="vit-b-32",
-        clip_model="CLIP ViT-B/32",
-        layers=(512, 32, 32, 1),
-        filename="clip_ViT-B-32_openai_binary_nsfw_head.pth",
-        url=f"{_LAION_RAW}/clip_ViT-B-32_openai_binary_nsfw_head.pth",
-        sha256="615f35e1364b40b14c30e770544345b82d8e558240692ad72eb8eafa466ef25c",
-        model_id="laion/clip-autokeras-nsfw-b32",
-        keras=KerasSpec(
-            filename="clip_autokeras_nsfw_b32.zip",
-            url=f"{_LAION_KERAS_RAW}/clip_autokeras_nsfw_b32.zip",
-            sha256="78715ab9d64485167e8c9ade3b8e6761a17a16c24d114bd47431ac1dab46462b",
-            columns=(92, 133, 312),
-            vocab_digest="f7e6471095ed3ba40d552a346f6bb45895c24ac5f71d8de2f86db3e66e19890a",
-        ),
-        content_digest="0379fc5fa09f17171c61d1782e290d33f80c87e4716981dfb5b5b9984054fe5f",
-    ),
-}
-
-_ALIASES = {
-    "vit-l-14": "vit-l-14",
-    "vit-l/14": "vit-l-14",
-    "l14": "vit-l-14",
-    "vit_l_14": "vit-l-14",
-    "vit-b-32": "vit-b-32",
-    "vit-b/32": "vit-b-32",
-    "b32": "vit-b-32",
-    "vit_b_32": "vit-b-32",
-}
-
-
-def get_spec(model: str | ModelSpec) -> ModelSpec:
-    """Return the :class:`ModelSpec` for ``model`` (``"vit-l-14"`` or ``"vit-b-32"``)."""
-    if isinstance(model, ModelSpec):
-        return model
-    key = _ALIASES.get(str(model).strip().lower())
-    if key is None:
-        raise ValueError(
-            f"Expected model to be one of {sorted(MODEL_SPECS)} but got {model!r}; "
-            "'vit-l-14' scores 768-d CLIP ViT-L/14 embeddings, 'vit-b-32' 512-d ViT-B/32 ones."
-        )
-    return MODEL_SPECS[key]
 
 
 class Normalization(nn.Module):

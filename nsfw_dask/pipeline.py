@@ -49,11 +49,11 @@ from ._plan import (
     plan_input,
     real_path,
 )
+from ._specs import get_spec
 from ._task import IS_NSFW_COLUMN, TMP_NAME, Options, part_ok, read_part_info, run_part, tmp_name
 from ._version import __version__
 from .exceptions import JobError
 from .io import is_local, show_path
-from .models import get_spec
 from .summary import (  # noqa: F401
     HIST_BINS,
     QUANTILES,

@@ -7,8 +7,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .loading import load_model
-from .models import get_spec
+from ._specs import get_spec
 
 __all__ = ["NSFWModelPlugin"]
 
@@ -58,7 +57,9 @@ class NSFWModelPlugin(WorkerPlugin):
         self.name = f"nsfw-dask-{self.model}-{device or 'auto'}{'-exact' if exact else ''}"
 
     def setup(self, worker: Any = None) -> None:
-        import torch
+        import torch  # on the worker: the client that registers the plugin needs no torch
+
+        from .loading import load_model
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         load_model(self.model, device=device, model_dir=self.model_dir, exact=self.exact)

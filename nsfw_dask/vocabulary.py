@@ -9,7 +9,7 @@ indices.
   feeding the lookup tables), and the categorical columns out of ``keras_metadata.pb``.
 * :func:`load_vocabulary` finds the pinned SavedModel zip like the weights (``model_dir`` ->
   ``$NSFW_DASK_MODEL_DIR`` -> user cache -> download, SHA-256 checked), checks what it read
-  against the digest pinned in :data:`nsfw_dask.models.MODEL_SPECS`, and caches it as JSON
+  against the digest pinned in :data:`nsfw_dask.models.MODEL_SPECS` (``nsfw_dask._specs``), and caches it as JSON
   (``<zip name>.vocab.json``) in the user cache, beside a downloaded zip.
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 
 from ._atomic import atomic_write_bytes
 from ._protobuf import DT_INT64, DT_STRING, const_value, fields, graph_nodes
+from ._specs import KerasSpec, ModelSpec, get_spec
 from .exceptions import WeightsIntegrityError
-from .models import KerasSpec, ModelSpec, get_spec
 from .weights import cache_dir, resolve_file, search_folders
 
 __all__ = [

@@ -36,15 +36,17 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from ._atomic import atomic_writer
+from ._specs import ModelSpec, get_spec
 from .exceptions import WeightsError, WeightsIntegrityError, WeightsNotFoundError
-from .models import ModelSpec, get_spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "WeightsInfo",
@@ -122,6 +124,8 @@ def read_state_dict(info: WeightsInfo) -> dict[str, torch.Tensor]:
             f"Weights file {info.path} changed since it was verified (sha256 now "
             f"{hashlib.sha256(data).hexdigest()}, expected {expected}); it was not loaded."
         )
+    import torch  # here, not at the top: the client side of the job resolves weights without torch
+
     try:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -150,6 +154,8 @@ def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
             )
         return WeightsInfo(spec, path, f"sha256:{got}")
     # An unpinned container (NeMo Curator's file): read it safely, then compare tensor contents.
+    import torch
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
         got = state_dict_digest(sd)
@@ -158,7 +164,7 @@ def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
             f"Weights file {path} cannot be read as a torch state dict ({e}); it is truncated or "
             f"corrupted. Delete it, or use LAION's {spec.filename} (sha256 {spec.sha256})."
         ) from e
-    expected = spec.content_digest or None  # pinned in models.MODEL_SPECS
+    expected = spec.content_digest or None  # pinned in MODEL_SPECS (nsfw_dask._specs)
     if got != expected:
         raise WeightsIntegrityError(
             f"Weights file {path} does not hold LAION's {spec.clip_model} head (tensor digest {got}, "

@@ -153,7 +153,7 @@ class SyntheticModel:
 
         import torch
 
-        from nsfw_dask import models
+        from nsfw_dask import _specs, models
 
         g = torch.Generator().manual_seed(0)
         self.state = {
@@ -176,7 +176,7 @@ class SyntheticModel:
             sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         )
         monkeypatch.setitem(models.MODEL_SPECS, self.name, spec)
-        monkeypatch.setitem(models._ALIASES, self.name, self.name)
+        monkeypatch.setitem(_specs._ALIASES, self.name, self.name)
         monkeypatch.setenv("NSFW_DASK_MODEL_DIR", str(folder))
         self.folder, self.spec = folder, spec
 
