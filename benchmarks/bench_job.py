@@ -16,7 +16,11 @@ load) cancel and what remains is the per-row cost of the job at scale.  Runs are
 
 * ``limit``: L, the rows/s the L/14 head could reach from the measured sgemm peak
   (``bench_scoring.sgemm_flops`` / ``bench_scoring.head_flops_per_row``), measured before and after
-  the runs; the higher one is used.
+  the runs; the higher one is used.  ``limit.same_rounds``: the same 2048^3 sgemm (all cores) timed
+  ``--sgemm-per-round`` times in every round, between the job runs, and its median: what the
+  cores sustain while the job's runs are being measured.  A best-of peak catches the clock at its
+  highest (on this VM 141-187 GFLOP/s on the same day); every figure is given against both
+  (``of_limit``: the peak; ``of_limit_same_rounds``: the rounds' median).
 * ``cli_npy``: ``python -m nsfw_dask score IN OUT --json --no-progress --overwrite`` on parquet_npy:
   marginal rows/s and its ratio to L.
 * ``script_npy``: the simplest single-process script a user could write (np.load mmap, the head
@@ -502,6 +506,20 @@ def marginal(runner: Runner, kind: str, rows: dict[str, int]) -> dict[str, Any]:
     return d
 
 
+def sgemm_samples(runs: int, n: int = 2048) -> list[float]:
+    """FLOP/s of ``runs`` back-to-back n^3 sgemms on all cores (torch's default threads)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        out.append(2 * n**3 / (time.perf_counter() - t0))
+    return out
+
+
 def measure_limit(repeats: int) -> dict[str, Any]:
     sys.path.insert(0, str(BENCH_DIR))
     import bench_scoring
@@ -580,6 +598,7 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
     # --quick saves two processes: the memory figures come from its timed cli_npy runs, which then
     # use the memory runs' partition size (its timings mean nothing anyway)
     mem_kind = "cli_npy" if args.quick else "cli_npy_memory"
+    sgemm_rounds: list[list[float]] = []
     for rnd in range(args.repeats):
         print(f"round {rnd + 1}/{args.repeats}")
         for kind, fmt in kinds:
@@ -594,6 +613,11 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
         if rnd < args.keep_repeats:
             for kind in keep:  # interleaved with the default-option runs of the same round
                 runner.run(kind, "large", P["large_npy"])
+        rates = sgemm_samples(args.sgemm_per_round)
+        sgemm_rounds.append(rates)
+        print(
+            f"  {'sgemm (L, same rounds)':20s}       {statistics.median(rates) / 1e9:7.1f} GFLOP/s median", flush=True
+        )
 
     if mem_kind == "cli_npy_memory":
         print("worker memory (RSS polled every 0.1 s)")
@@ -606,14 +630,23 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
     limit = dict(lim0 if lim0["rows_per_s"] >= lim1["rows_per_s"] else lim1)
     limit["rows_per_s_before"] = lim0["rows_per_s"]
     limit["rows_per_s_after"] = lim1["rows_per_s"]
+    flat = [x for r in sgemm_rounds for x in r]
+    med = statistics.median(flat)
+    limit["same_rounds"] = {
+        "sgemm_flops_samples": sgemm_rounds,
+        "sgemm_flops_median": med,
+        "rows_per_s": med / limit["head_flops_per_row"],
+    }
     result["limit"] = limit
     L = limit["rows_per_s"]
+    L_rounds = limit["same_rounds"]["rows_per_s"]
 
     fig: dict[str, Any] = {}
     for kind, _ in kinds:
         fig[kind] = marginal(runner, kind, rows)
         r = fig[kind].get("marginal_rows_per_s")
         fig[kind]["of_limit"] = r / L if r else None
+        fig[kind]["of_limit_same_rounds"] = r / L_rounds if r else None
     c, s = fig["cli_npy"].get("marginal_rows_per_s"), fig["script_npy"].get("marginal_rows_per_s")
     fig["cli_over_script"] = {"ratio": c / s if c and s else None, "target": 2.0}
     if c and s:
@@ -693,6 +726,7 @@ def _fmt_rate(x: float | None) -> str:
 def print_table(result: dict[str, Any]) -> None:
     f = result["figures"]
     L = result["limit"]["rows_per_s"]
+    Lr = result["limit"]["same_rounds"]["rows_per_s"]
     d = result["data"]["rows"]
     mb = 2**20
     print()
@@ -701,10 +735,16 @@ def print_table(result: dict[str, Any]) -> None:
         f"before {result['limit']['rows_per_s_before']:,.0f}, after {result['limit']['rows_per_s_after']:,.0f})"
     )
     print(
+        f"L, same rounds = {Lr:,.0f} rows/s (median sgemm "
+        f"{result['limit']['same_rounds']['sgemm_flops_median'] / 1e9:.1f} GFLOP/s between the runs)"
+    )
+    print(
         f"SMALL {d['small']:,} rows, LARGE {d['large']:,} rows; medians of {result['args']['repeats']} "
         "interleaved whole-process runs"
     )
-    print(f"{'figure (marginal = ΔROWS / Δmedian wall)':44s} {'rows/s':>14s} {'÷ L':>6s}   median wall S / L")
+    print(
+        f"{'figure (marginal = ΔROWS / Δmedian wall)':44s} {'rows/s':>14s} {'÷ L':>6s} {'÷ Lr':>6s}   median wall S / L"
+    )
     for kind, label in (
         ("cli_npy", "CLI, parquet_npy"),
         ("script_npy", "single-process script, parquet_npy"),
@@ -714,7 +754,8 @@ def print_table(result: dict[str, Any]) -> None:
         v = f[kind]
         r = v.get("marginal_rows_per_s")
         print(
-            f"{label:44s} {_fmt_rate(r)} {(r / L if r else float('nan')):6.2f}   "
+            f"{label:44s} {_fmt_rate(r)} {(r / L if r else float('nan')):6.2f} "
+            f"{(r / Lr if r else float('nan')):6.2f}   "
             f"{v['median_small_s']:.2f} s / {v['median_large_s']:.2f} s"
         )
     cs = f["cli_over_script"]["ratio"]
@@ -776,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-keep-embeddings", action="store_true", help="skip the --keep-embeddings runs")
     p.add_argument("--limit-repeats", type=int, default=5, help="sgemm repeats for L (best of >= 10)")
+    p.add_argument(
+        "--sgemm-per-round", type=int, default=10, help="sgemms timed in each round for L, same rounds (median)"
+    )
     args = p.parse_args(argv)
     q = args.quick
     args.repeats = args.repeats or (1 if q else 3)

@@ -154,6 +154,11 @@ def _to_pandas(table: pa.Table, start: int = 0) -> pd.DataFrame:
     return df
 
 
+#: ``read_parquet_rows`` stops decoding a row group early when more than this many of its rows
+#: lie after the range (and decodes it in batches of this many rows).
+_TAIL_ROWS = 65_536
+
+
 def read_parquet_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of a parquet file, reading only the row groups that hold them."""
 
@@ -168,11 +173,28 @@ def read_parquet_rows(fs: Any, meta: str, start: int, stop: int) -> pa.Table:
         # decoded in the calling thread: parallelism comes from the job's tasks (one per Dask
         # thread), and inside a Dask worker pyarrow's own pool has one thread (the nanny sets
         # OMP_NUM_THREADS=1, which sizes it), so every task's decode would queue behind it
-        table = pf.read_row_groups(groups, use_threads=False)
-        return table.slice(start - bounds[groups[0]], stop - start)
+        first = bounds[groups[0]]
+        if bounds[groups[-1] + 1] - stop <= _TAIL_ROWS:
+            table = pf.read_row_groups(groups, use_threads=False)
+            return table.slice(start - first, stop - start)
+        # A row group much longer than the range (a partition cut out of a big group, e.g. a
+        # metadata file written as one group): decode it in batches and stop after ``stop``,
+        # rather than decode the whole group once per partition cut from it.  Rows before
+        # ``start`` are still decoded (parquet pages cannot be skipped here) but not kept.
+        batches, pos = [], first
+        for batch in pf.iter_batches(batch_size=_TAIL_ROWS, row_groups=groups, use_threads=False):
+            lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
+            if hi > lo:
+                batches.append(batch.slice(lo, hi - lo))
+            pos += batch.num_rows
+            if pos >= stop:
+                break
+        return pa.Table.from_batches(batches, schema=pf.schema_arrow)
 
     if is_local(fs):
-        with pq.ParquetFile(meta) as pf:
+        # memory-mapped: pages are decoded straight from the page cache, not first copied into
+        # freshly allocated (page-faulted) buffers
+        with pq.ParquetFile(meta, memory_map=True) as pf:
             return read(pf)
     with fs.open(meta, "rb") as f, pq.ParquetFile(f) as pf:
         return read(pf)

@@ -371,3 +371,37 @@ def test_scoring_partitions(tmp_path, l14_ref):
     np.testing.assert_array_equal(scored["row"].to_numpy(), np.arange(len(x)))
     expected = nsfw_dask.NSFWScorer(device="cpu")(x.astype(np.float16).astype(np.float32)).numpy()
     np.testing.assert_allclose(scored["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail_rows", [500, 65_536])
+def test_read_parquet_rows_any_range_of_big_row_groups(tmp_path, monkeypatch, tail_rows):
+    """Rows [start, stop) of a file, whether the groups are read whole or decoded in batches up to
+    ``stop`` (a partition cut out of a row group much longer than itself): the same rows, values,
+    nulls, schema and pandas metadata as slicing the whole table."""
+    import random
+
+    import fsspec
+
+    from nsfw_dask import io
+
+    n = 10_000
+    df = pd.DataFrame(
+        {"s": [f"x{i}" if i % 7 else None for i in range(n)], "v": np.arange(n)},
+        index=pd.Index(np.arange(n) * 2, name="idx"),
+    )
+    table = pa.Table.from_pandas(df).append_column(
+        "emb", pa.array([[float(i)] * 3 for i in range(n)], type=pa.list_(pa.float32()))
+    )
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=4000)
+    full = pq.read_table(tmp_path / "big.parquet")
+    monkeypatch.setattr(io, "_TAIL_ROWS", tail_rows)
+    fs = fsspec.filesystem("file")
+    rng = random.Random(0)
+    ranges = [(0, n), (0, 1), (n - 1, n), (3999, 4001), (4000, 8000), (100, 200)]
+    ranges += [(a, rng.randrange(a, n) + 1) for a in (rng.randrange(n) for _ in range(60))]
+    for a, b in ranges:
+        got = io.read_parquet_rows(fs, str(tmp_path / "big.parquet"), a, b)
+        want = full.slice(a, b - a)
+        assert got.equals(want), (a, b)
+        assert got.schema.metadata == want.schema.metadata
+        assert got.column("v").to_pylist() == list(range(a, b))
