@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,3 +200,47 @@ def synthetic_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     nsfw_dask.clear_model_cache()
     yield SyntheticModel(tmp_path / "synthetic-weights", monkeypatch)
     nsfw_dask.clear_model_cache()
+
+
+@pytest.fixture(scope="session")
+def shared_scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address of a Dask cluster started once per session: 1 worker process x 1 thread.
+
+    For CLI runs whose subject is not the cluster's own start or shut-down: ``--scheduler
+    ADDRESS`` instead of ``--workers 1 --threads-per-worker 1`` spares each run starting a
+    cluster and loading the model in a new worker (~4 s a run on 2 cores); the CLI then also
+    runs its shared-folder probe.  The worker runs in a process of its own (``_shared_cluster.py``)
+    and its environment is fixed when it starts: ``$NSFW_DASK_MODEL_DIR`` as found here, the
+    tests' user cache (``_isolated_cache``), offline, and a cwd of its own.  So CLI runs that
+    change the weights or network environment, kill or interrupt the CLI, count model loads, use
+    S3 settings, depend on the CLI's cwd, or check ``--workers`` keep a cluster of their own.
+    """
+    cwd = tmp_path_factory.mktemp("shared-cluster")
+    env = {
+        **os.environ,
+        "NSFW_DASK_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "user-cache"),
+        "NSFW_DASK_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_shared_cluster.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        address = proc.stdout.readline().strip()
+        assert address.startswith("tcp://"), f"the shared cluster did not start ({proc.poll()=}, {address!r})"
+        yield address
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

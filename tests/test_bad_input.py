@@ -1525,9 +1525,16 @@ CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "--no-progress"]
 JOB, SUCCESS = "_nsfw_dask_job.json", "_SUCCESS"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+@pytest.fixture()
+def shared(shared_scheduler: str) -> list[str]:
+    """The session's cluster (1 worker x 1 thread, conftest.py): the same one-thread order of
+    parts as ``CLUSTER``, without starting a cluster and loading the model for each run."""
+    return ["--scheduler", shared_scheduler, "--no-progress"]
+
+
+def _cli(*args: str, cluster: list[str] = CLUSTER) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nsfw_dask", "score", *args, *CLUSTER],
+        [sys.executable, "-m", "nsfw_dask", "score", *args, *cluster],
         capture_output=True,
         text=True,
         env=dict(os.environ),
@@ -1552,7 +1559,9 @@ def _read_output(path: Path, part_names: list[str]) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f, dtype_backend="pyarrow") for f in files], ignore_index=True)
 
 
-def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: np.ndarray, oracle: Oracle) -> None:
+def test_cli_wrong_length_row_in_a_later_file_is_identified(
+    tmp_path: Path, X: np.ndarray, oracle: Oracle, shared: list[str]
+) -> None:
     """A folder of two files of 100 rows in row groups (and parts) of 25; one 767-value row at row
     78 of the second file (row 3 of its part, row 178 of the data; its part is the last, so
     with one worker thread no other part is being written when it fails).
@@ -1577,7 +1586,7 @@ def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: n
         )
     bad = src / "part1.parquet"
     out = tmp_path / "out"
-    line = _error_line(_cli(str(src), str(out), "--rows-per-partition", "25"))
+    line = _error_line(_cli(str(src), str(out), "--rows-per-partition", "25", cluster=shared))
     assert (
         f"{bad}, rows 75-99 of that file (row numbers count from 0 within the file): "
         "Column 'embedding': row 78 has 767 values, expected 768"
@@ -1601,7 +1610,7 @@ def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: n
 
     # The bad file alone, one part: nothing is committed, and the new OUTPUT and the parent
     # folder the run made for it are removed again.
-    line = _error_line(_cli(str(bad), str(tmp_path / "new" / "out")))
+    line = _error_line(_cli(str(bad), str(tmp_path / "new" / "out"), cluster=shared))
     assert (
         f"{bad}, rows 0-99 of that file (row numbers count from 0 within the file): "
         "Column 'embedding': row 78 has 767 values, expected 768"
@@ -1609,7 +1618,9 @@ def test_cli_wrong_length_row_in_a_later_file_is_identified(tmp_path: Path, X: n
     assert not (tmp_path / "new").exists()
 
 
-def test_cli_null_rows_null_elements_and_an_all_null_file(tmp_path: Path, X: np.ndarray, oracle: Oracle) -> None:
+def test_cli_null_rows_null_elements_and_an_all_null_file(
+    tmp_path: Path, X: np.ndarray, oracle: Oracle, shared: list[str]
+) -> None:
     """Every row comes back, in order, in parts of at most 16 rows that never span two files;
     no embedding -> NaN score and null is_nsfw."""
     src = tmp_path / "in"
@@ -1629,7 +1640,7 @@ def test_cli_null_rows_null_elements_and_an_all_null_file(tmp_path: Path, X: np.
         row_group_size=16,
     )
     out = tmp_path / "out"
-    r = _cli(str(src), str(out), "--threshold", "0.5", "--rows-per-partition", "16")
+    r = _cli(str(src), str(out), "--threshold", "0.5", "--rows-per-partition", "16", cluster=shared)
     assert r.returncode == 0, r.stderr
     # part0: rows 0-15, 16-31, 32-47, 48-59; part1: 0-15, 16-19
     names = [f"part.{i:06d}.part{0 if i < 4 else 1}.parquet" for i in range(6)]

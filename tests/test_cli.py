@@ -15,19 +15,36 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _cli import run_concurrently
 
 from nsfw_dask import NSFWScorer
 
 pytestmark = pytest.mark.weights
 
+#: The CLI's own cluster (what a user gets), for the runs about it, and the runs that error
+#: before a cluster would start.
 CLUSTER = ["--workers", "1", "--threads-per-worker", "1"]
+
+
+@pytest.fixture()
+def shared(shared_scheduler: str) -> list[str]:
+    """The session's cluster (1 worker x 1 thread, conftest.py), for runs whose subject is not
+    the cluster: the same job without starting a cluster and loading the model each time."""
+    return ["--scheduler", shared_scheduler]
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nsfw_dask", *args]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "nsfw_dask", *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    return subprocess.run(cli_cmd(*args), capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_clis(*args: list[str], env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Independent CLI runs, two at a time (see ``_cli.run_concurrently``)."""
+    return run_concurrently(*(cli_cmd(*a) for a in args), env={**os.environ, **(env or {})}, timeout=180)
 
 
 def write_parquet(path: Path, x: np.ndarray, row_group_size: int = 500) -> pd.DataFrame:
@@ -60,15 +77,15 @@ def read_output(path: Path) -> pd.DataFrame:
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["score"], ["fetch-weights"], ["demo"]):
-        r = run_cli(*cmd, "--help")
+    cmds = ([], ["score"], ["fetch-weights"], ["demo"])
+    for cmd, r in zip(cmds, run_clis(*([*cmd, "--help"] for cmd in cmds))):
         assert r.returncode == 0, r.stderr
         assert f"Usage: nsfw-dask {' '.join(cmd)}".rstrip() + " [OPTIONS]" in r.stdout, r.stdout
 
 
-def test_score_success_threshold_and_order(tmp_path, dataset, expected):
+def test_score_success_threshold_and_order(tmp_path, dataset, expected, shared):
     out = tmp_path / "out"
-    r = run_cli("score", str(dataset), str(out), "--threshold", "0.5", *CLUSTER)
+    r = run_cli("score", str(dataset), str(out), "--threshold", "0.5", *shared)
     assert r.returncode == 0, r.stderr
     assert "rows scored      2,692" in r.stdout and "score quantiles" in r.stdout
     assert f"score >= 0.5     {int((expected >= 0.5).sum()):,} rows" in r.stdout
@@ -81,17 +98,20 @@ def test_score_success_threshold_and_order(tmp_path, dataset, expected):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_filter_keep_safe_and_keep_nsfw(tmp_path, dataset, expected):
-    for mode, keep in (("keep-safe", expected < 0.3), ("keep-nsfw", expected >= 0.3)):
+def test_filter_keep_safe_and_keep_nsfw(tmp_path, dataset, expected, shared):
+    modes = (("keep-safe", expected < 0.3), ("keep-nsfw", expected >= 0.3))
+    runs = run_clis(
+        *(["score", str(dataset), str(tmp_path / m), "--threshold", "0.3", "--filter", m, *shared] for m, _ in modes)
+    )
+    for (mode, keep), r in zip(modes, runs):
         out = tmp_path / mode
-        r = run_cli("score", str(dataset), str(out), "--threshold", "0.3", "--filter", mode, *CLUSTER)
         assert r.returncode == 0, r.stderr
         got = read_output(out)
         assert f"rows written     {int(keep.sum()):,}" in r.stdout
         np.testing.assert_array_equal(got["id"].to_numpy(), (np.arange(2692) * 3)[keep])
 
 
-def test_existing_output_refused_then_overwritten(tmp_path, dataset):
+def test_existing_output_refused_then_overwritten(tmp_path, dataset, shared):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
@@ -99,7 +119,7 @@ def test_existing_output_refused_then_overwritten(tmp_path, dataset):
     assert r.returncode == 2
     assert "already exists" in r.stderr and "--overwrite" in r.stderr and "not written by nsfw-dask" in r.stderr
     assert (out / "keep.txt").read_text() == "user data"
-    r = run_cli("score", str(dataset), str(out), "--overwrite", *CLUSTER)
+    r = run_cli("score", str(dataset), str(out), "--overwrite", *shared)
     assert r.returncode == 0, r.stderr
     assert not (out / "keep.txt").exists() and len(read_output(out)) == 2692
 
@@ -118,14 +138,14 @@ def test_missing_column_error(tmp_path, dataset):
     assert not (tmp_path / "o").exists()
 
 
-def test_wrong_dimension_error(tmp_path, b32_ref):
+def test_wrong_dimension_error(tmp_path, b32_ref, shared):
     path = tmp_path / "b32.parquet"
     write_parquet(path, b32_ref["inputs"][:200])
-    line = _one_line_error(run_cli("score", str(path), str(tmp_path / "o"), *CLUSTER))
+    line = _one_line_error(run_cli("score", str(path), str(tmp_path / "o"), *shared))
     assert "has 512 values, expected 768" in line and "vit-b-32" in line
     assert "b32.parquet" in line and "rows 0-199 of that file" in line and "--model vit-b-32" in line
     assert not (tmp_path / "o").exists()  # a run that committed nothing leaves nothing
-    r = run_cli("score", str(path), str(tmp_path / "o"), "--model", "vit-b-32", *CLUSTER)
+    r = run_cli("score", str(path), str(tmp_path / "o"), "--model", "vit-b-32", *shared)
     assert r.returncode == 0, r.stderr
 
 
@@ -133,10 +153,14 @@ def test_weights_unavailable_offline(tmp_path, dataset):
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {"NSFW_DASK_MODEL_DIR": str(empty), "NSFW_DASK_CACHE_DIR": str(empty), "NSFW_DASK_OFFLINE": "1"}
-    line = _one_line_error(run_cli("score", str(dataset), str(tmp_path / "o"), *CLUSTER, env=env))
+    plain, verbose = run_clis(
+        ["score", str(dataset), str(tmp_path / "o"), *CLUSTER],
+        ["score", str(dataset), str(tmp_path / "o"), "--verbose", *CLUSTER],
+        env=env,
+    )
+    line = _one_line_error(plain)
     assert "NSFW_DASK_MODEL_DIR" in line and "clip_ViT-L-14_openai_binary_nsfw_head.pth" in line
-    r = run_cli("score", str(dataset), str(tmp_path / "o"), "--verbose", *CLUSTER, env=env)
-    assert r.returncode == 1 and "Traceback" in r.stderr
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
 def test_missing_input_error(tmp_path):
@@ -145,7 +169,7 @@ def test_missing_input_error(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_keeps_committed_parts_and_resumes(tmp_path, l14_ref, expected, sig):
+def test_interrupted_run_keeps_committed_parts_and_resumes(tmp_path, l14_ref, expected, sig, shared):
     path = tmp_path / "big.parquet"
     write_parquet(path, l14_ref["inputs"], row_group_size=200)
     out = tmp_path / "out"
@@ -181,7 +205,8 @@ def test_interrupted_run_keeps_committed_parts_and_resumes(tmp_path, l14_ref, ex
     assert committed
     r = run_cli("score", str(path), str(out), *CLUSTER)
     assert r.returncode == 2 and "--resume" in r.stderr, r.stderr
-    r = run_cli("score", str(path), str(out), "--resume", "--json", "--rows-per-partition", "200", *CLUSTER)
+    # the interrupted run had a cluster of its own; the resume is any run's
+    r = run_cli("score", str(path), str(out), "--resume", "--json", "--rows-per-partition", "200", *shared)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["partitions"] == 14 and summary["partitions_reused"] >= len(committed) - 1
@@ -202,12 +227,12 @@ def _parquet_npy(root: Path, x: np.ndarray, sizes: list[int], dtype=np.float16) 
         start += n
 
 
-def test_parquet_npy_input(tmp_path, l14_ref):
+def test_parquet_npy_input(tmp_path, l14_ref, shared):
     x = l14_ref["inputs"]
     root = tmp_path / "laion"
     _parquet_npy(root, x, [1000, 1692])
     out = tmp_path / "out"
-    r = run_cli("score", str(root), str(out), *CLUSTER)
+    r = run_cli("score", str(root), str(out), *shared)
     assert r.returncode == 0, r.stderr
     got = read_output(out)
     np.testing.assert_array_equal(got["row"].to_numpy(), np.arange(len(x)))
@@ -231,7 +256,7 @@ def test_fetch_weights_prints_verified_path(weights_dir):
     assert Path(r.stdout.strip()) == (weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth").resolve()
 
 
-def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref):
+def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref, shared):
     x = l14_ref["inputs"][:50]
     rows = [list(r) for r in x]
     rows[3] = rows[17] = None
@@ -239,13 +264,15 @@ def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref):
         pa.table({"id": np.arange(50), "embedding": pa.array(rows, type=pa.list_(pa.float32()))}),
         tmp_path / "in.parquet",
     )
-    r = run_cli("score", str(tmp_path / "in.parquet"), str(tmp_path / "o"), "--threshold", "0.5", *CLUSTER)
+    r, safe = run_clis(
+        ["score", str(tmp_path / "in.parquet"), str(tmp_path / "o"), "--threshold", "0.5", *shared],
+        ["score", str(tmp_path / "in.parquet"), str(tmp_path / "s"), "--filter", "keep-safe", *shared],
+    )
     assert r.returncode == 0, r.stderr
     assert "NaN scores       2" in r.stdout
     got = read_output(tmp_path / "o")
     assert got["is_nsfw"].isna().to_numpy()[[3, 17]].all() and got["is_nsfw"].notna().sum() == 48
-    r = run_cli("score", str(tmp_path / "in.parquet"), str(tmp_path / "s"), "--filter", "keep-safe", *CLUSTER)
-    assert r.returncode == 0, r.stderr
+    assert safe.returncode == 0, safe.stderr
     assert set(read_output(tmp_path / "s")["id"]).isdisjoint({3, 17})  # unknown is not safe
 
 
@@ -253,36 +280,44 @@ def test_output_overlapping_input_is_refused(tmp_path, dataset):
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "in.parquet").write_bytes(dataset.read_bytes())
-    for out in (folder, folder / "in.parquet", tmp_path):
-        r = run_cli("score", str(folder / "in.parquet"), str(out), "--overwrite", *CLUSTER)
+    outs = (folder, folder / "in.parquet", tmp_path)
+    runs = run_clis(*(["score", str(folder / "in.parquet"), str(out), "--overwrite", *CLUSTER] for out in outs))
+    for out, r in zip(outs, runs):
         assert r.returncode == 2 and "overlaps INPUT" in r.stderr, (out, r.stderr)
     assert (folder / "in.parquet").read_bytes() == dataset.read_bytes()
 
 
 def test_bad_numbers_and_existing_score_column(tmp_path, dataset):
-    for bad in (["--batch-size", "0"], ["--threshold", "1.5"], ["--workers", "-1"]):
-        r = run_cli("score", str(dataset), str(tmp_path / "o"), *bad)
-        assert r.returncode == 2 and "usage: nsfw-dask score [OPTIONS] INPUT OUTPUT" in r.stderr, bad
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("nsfw-dask: error: "), r.stderr
-    r = run_cli("score", str(dataset), str(tmp_path / "o"), "--score-column", "id", *CLUSTER)
+    bads = (["--batch-size", "0"], ["--threshold", "1.5"], ["--workers", "-1"])
+    *runs, r = run_clis(
+        *(["score", str(dataset), str(tmp_path / "o"), *bad] for bad in bads),
+        ["score", str(dataset), str(tmp_path / "o"), "--score-column", "id", *CLUSTER],
+    )
+    for bad, r_bad in zip(bads, runs):
+        assert r_bad.returncode == 2 and "usage: nsfw-dask score [OPTIONS] INPUT OUTPUT" in r_bad.stderr, bad
+        assert len(r_bad.stderr.strip().splitlines()) == 1, r_bad.stderr
+        assert r_bad.stderr.startswith("nsfw-dask: error: "), r_bad.stderr
     assert r.returncode == 2 and "already has a column 'id'" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_demo_main_job(tmp_path):
+def test_demo_main_job(tmp_path, shared):
     out = tmp_path / "demo"
-    r = run_cli("demo", "--rows", "3000", "--file-rows", "1000", "--out", str(out), *CLUSTER)
+    other = tmp_path / "user"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    # the demo with its own cluster, and (independent, at the same time) one refused a user's folder
+    r, refused = run_clis(
+        ["demo", "--rows", "3000", "--file-rows", "1000", "--out", str(out), *CLUSTER],
+        ["demo", "--rows", "3000", "--out", str(other), *CLUSTER],
+    )
     assert r.returncode == 0, r.stderr
     assert "rows scored      3,000" in r.stdout and "score >= 0.5" in r.stdout
     got = read_output(out / "scored")
     assert list(got.columns) == ["row_number", "url", "caption", "key", "nsfw_score", "is_nsfw"]
     np.testing.assert_array_equal(got["row_number"].to_numpy(), np.arange(3000))
     assert (out / "score_histogram.png").stat().st_size > 0
-    r = run_cli("demo", "--rows", "3000", "--out", str(out), *CLUSTER)  # rerun into its own folder: fine
+    r = run_cli("demo", "--rows", "3000", "--out", str(out), *shared)  # rerun into its own folder: fine
     assert r.returncode == 0, r.stderr
-    other = tmp_path / "user"
-    other.mkdir()
-    (other / "mine.txt").write_text("x")
-    r = run_cli("demo", "--rows", "3000", "--out", str(other), *CLUSTER)
-    assert r.returncode == 2 and "not empty" in r.stderr
+    assert refused.returncode == 2 and "not empty" in refused.stderr
     assert (other / "mine.txt").read_text() == "x"

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _cli import run_concurrently
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("score", "fetch-weights", "demo")
@@ -35,6 +36,18 @@ BOTH = pytest.mark.parametrize("prog", [NSFW_DASK, DASK_NSFW], ids=["nsfw-dask",
 
 def run(prog: list[str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*prog, *args], capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
+
+
+def run_all(*cmds: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Independent runs, two at a time (``_cli.run_concurrently``), in the given order."""
+    return run_concurrently(*cmds, env=dict(os.environ), timeout=timeout)
+
+
+@pytest.fixture()
+def shared(shared_scheduler: str) -> list[str]:
+    """The session's cluster (1 worker x 1 thread, conftest.py): the job without starting a
+    cluster and loading the model for each run (not for a run that is interrupted)."""
+    return ["--scheduler", shared_scheduler, "--no-progress"]
 
 
 def test_entry_point_is_registered():
@@ -58,14 +71,13 @@ def test_literal_copies_match_the_library():
 
 @BOTH
 def test_help_lists_the_commands(prog):
-    r = run(prog, "--help")
+    r, *per_command = run_all([*prog, "--help"], *([*prog, cmd, "-h"] for cmd in COMMANDS))
     assert r.returncode == 0, r.stderr
     path = "dask nsfw" if prog is DASK_NSFW else "nsfw-dask"
     assert f"Usage: {path} [OPTIONS] COMMAND [ARGS]..." in r.stdout, r.stdout
     for cmd in COMMANDS:
         assert f"  {cmd} " in r.stdout, (cmd, r.stdout)
-    for cmd in COMMANDS:
-        r = run(prog, cmd, "-h")
+    for cmd, r in zip(COMMANDS, per_command):
         assert r.returncode == 0, r.stderr
         assert f"Usage: {path} {cmd} [OPTIONS]" in r.stdout, r.stdout
         assert "--model [vit-b-32|vit-l-14]" in r.stdout and "--verbose" in r.stdout
@@ -143,8 +155,8 @@ def test_usage_errors_are_one_line_exit_2(tmp_path, capsys, dask_cli):
 @BOTH
 def test_usage_error_from_the_real_commands(prog, tmp_path):
     path = "dask nsfw" if prog is DASK_NSFW else "nsfw-dask"
-    for args, message, usage in [usage_cases(path, "in", "out")[i] for i in (0, 5, 16)]:
-        r = run(prog, *args)
+    cases = [usage_cases(path, "in", "out")[i] for i in (0, 5, 16)]
+    for (_args, message, usage), r in zip(cases, run_all(*([*prog, *args] for args, _, _ in cases))):
         check_usage_line(r.returncode, r.stdout, r.stderr, message, usage)
 
 
@@ -227,12 +239,13 @@ def _read(out: Path) -> pd.DataFrame:
 
 
 @pytest.mark.weights
-def test_dask_nsfw_score_equals_nsfw_dask_score(tmp_path):
+def test_dask_nsfw_score_equals_nsfw_dask_score(tmp_path, shared):
     src = _parquet_npy(tmp_path / "laion", [300, 200])
-    opts = ["--threshold", "0.5", "--rows-per-partition", "100", *CLUSTER]
+    opts = ["--threshold", "0.5", "--rows-per-partition", "100", *shared]
     got = {}
-    for name, prog in (("a", NSFW_DASK), ("b", DASK_NSFW)):
-        r = run(prog, "score", str(src), str(tmp_path / name), *opts)
+    progs = (("a", NSFW_DASK), ("b", DASK_NSFW))
+    runs = run_all(*([*prog, "score", str(src), str(tmp_path / name), *opts] for name, prog in progs))
+    for (name, _prog), r in zip(progs, runs):
         assert r.returncode == 0, r.stderr
         assert "rows scored      500" in r.stdout and "parts            5" in r.stdout and "score >= 0.5" in r.stdout
         lines = [ln for ln in r.stdout.splitlines() if not ln.startswith(("time ", "rows written "))]
@@ -243,16 +256,18 @@ def test_dask_nsfw_score_equals_nsfw_dask_score(tmp_path):
 
 
 @pytest.mark.weights
-def test_dask_nsfw_ctrl_c_exits_130_and_nsfw_dask_resumes(tmp_path):
+def test_dask_nsfw_ctrl_c_exits_130_and_nsfw_dask_resumes(tmp_path, shared):
     """Ctrl-C under ``dask nsfw``: exit 130 naming --resume, never finished; ``nsfw-dask score
     --resume`` finishes it with the right scores."""
     from nsfw_dask import NSFWScorer
 
-    src = _parquet_npy(tmp_path / "laion", [10_000, 10_000])
-    opts = ["--rows-per-partition", "100", *CLUSTER]
+    # 40 parts of 100 rows at one row per forward pass: the run lasts well past its first part
+    rows = [2_000, 2_000]
+    src = _parquet_npy(tmp_path / "laion", rows)
+    opts = ["--rows-per-partition", "100"]
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [*DASK_NSFW, "score", str(src), str(out), "--batch-size", "1", *opts],
+        [*DASK_NSFW, "score", str(src), str(out), "--batch-size", "1", *opts, *CLUSTER],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -267,11 +282,11 @@ def test_dask_nsfw_ctrl_c_exits_130_and_nsfw_dask_resumes(tmp_path):
     assert proc.returncode == 130, err
     assert "nsfw-dask: interrupted" in err and "--resume" in err, err
     assert not (out / "_SUCCESS").exists()
-    r = run(NSFW_DASK, "score", str(src), str(out), "--resume", "--json", *opts)
+    r = run(NSFW_DASK, "score", str(src), str(out), "--resume", "--json", *opts, *shared)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["partitions_reused"] >= 1
     got = _read(out)
-    assert got["row"].tolist() == list(range(20_000))
+    assert got["row"].tolist() == list(range(sum(rows)))
     x = np.concatenate([np.load(src / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
     expected = NSFWScorer(device="cpu")(x.astype(np.float32)).numpy()
     np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)

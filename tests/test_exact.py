@@ -347,9 +347,10 @@ def test_exact_type_checked() -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_exact(tmp_path: Path, head: dict) -> None:
+def test_cli_exact(tmp_path: Path, head: dict, shared_scheduler: str) -> None:
     """``score --exact``: a finished OUTPUT (``_SUCCESS``), one part per 100-row group in input
-    order, the id and LAION's score of every row, the embeddings not written again."""
+    order, the id and LAION's score of every row, the embeddings not written again.  On the
+    session's cluster (1 worker x 1 thread, conftest.py): the exact model is loaded there once."""
     n = 300
     table = pa.table({"id": np.arange(n), "emb": pa.array(list(head["x"][:n]), type=pa.list_(pa.float32()))})
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=100)
@@ -367,10 +368,8 @@ def test_cli_exact(tmp_path: Path, head: dict) -> None:
             head["model"],
             "--rows-per-partition",
             "100",
-            "--workers",
-            "1",
-            "--threads-per-worker",
-            "1",
+            "--scheduler",
+            shared_scheduler,
             "--no-progress",
         ],
         capture_output=True,

@@ -701,7 +701,14 @@ def _cli_data(tmp_path: Path, l14_ref) -> CliData:
     return CliData(src, l14_ref["nemo_scores"], parts)
 
 
-def _score_cmd(data: CliData, out: Path, *extra: str) -> list[str]:
+@pytest.fixture()
+def shared(shared_scheduler: str) -> list[str]:
+    """The session's cluster (1 worker x 1 thread, conftest.py), for the runs that are not
+    killed: a run that is killed has a cluster of its own (its processes are the subject)."""
+    return ["--scheduler", shared_scheduler, "--no-progress"]
+
+
+def _score_cmd(data: CliData, out: Path, *extra: str, cluster: list[str] = CLUSTER) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -711,7 +718,7 @@ def _score_cmd(data: CliData, out: Path, *extra: str) -> list[str]:
         str(out),
         "--rows-per-partition",
         str(ROWS_PER_PART),
-        *CLUSTER,
+        *cluster,
         *extra,
     ]
 
@@ -723,8 +730,8 @@ def _start_cli(data: CliData, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _run_cli(data: CliData, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_score_cmd(data, out, *extra), capture_output=True, text=True, timeout=180)
+def _run_cli(data: CliData, out: Path, *extra: str, cluster: list[str] = CLUSTER) -> subprocess.CompletedProcess:
+    return subprocess.run(_score_cmd(data, out, *extra, cluster=cluster), capture_output=True, text=True, timeout=180)
 
 
 def _json_summary(r: subprocess.CompletedProcess) -> dict:
@@ -838,7 +845,7 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], object], what: str, *
         proc.communicate(timeout=30)
 
 
-def test_cli_sigkill_keeps_committed_parts_and_resume_finishes(tmp_path: Path, l14_ref) -> None:
+def test_cli_sigkill_keeps_committed_parts_and_resume_finishes(tmp_path: Path, l14_ref, shared) -> None:
     data = _cli_data(tmp_path, l14_ref)
     out = tmp_path / "new" / "out"  # its parent is created by the run too
 
@@ -861,17 +868,17 @@ def test_cli_sigkill_keeps_committed_parts_and_resume_finishes(tmp_path: Path, l
     # 3. --resume (at the default batch size: the batch size is not part of the job): the
     #    committed parts are kept as they are (same bytes, same files), only the others are
     #    scored; every row once, in order, with its reference score; the temporary is gone.
-    s = _json_summary(_run_cli(data, out, "--resume", "--json"))
+    s = _json_summary(_run_cli(data, out, "--resume", "--json", cluster=shared))
     assert s["partitions"] == len(data.parts) and s["partitions_reused"] == len(committed), s
     assert s["rows"] == s["rows_written"] == len(data.scores) and s["nan_scores"] == 0, s
     assert _snapshot_parts(out, committed) == kept
     _check_finished(out, data)
 
 
-def test_cli_sigkill_during_overwrite_never_leaves_a_finished_looking_output(tmp_path: Path, l14_ref) -> None:
+def test_cli_sigkill_during_overwrite_never_leaves_a_finished_looking_output(tmp_path: Path, l14_ref, shared) -> None:
     data = _cli_data(tmp_path, l14_ref)
     out = tmp_path / "out"
-    r = _run_cli(data, out)
+    r = _run_cli(data, out, cluster=shared)
     assert r.returncode == 0, r.stderr
     _check_finished(out, data)
     old = {_ident(out / n) for n in data.parts}
@@ -895,7 +902,7 @@ def test_cli_sigkill_during_overwrite_never_leaves_a_finished_looking_output(tmp
 
     # 2. --resume finishes it from the new parts.
     kept = _snapshot_parts(out, committed)
-    s = _json_summary(_run_cli(data, out, "--resume", "--json"))
+    s = _json_summary(_run_cli(data, out, "--resume", "--json", cluster=shared))
     assert s["partitions"] == len(data.parts) and s["partitions_reused"] == len(committed), s
     assert s["rows"] == s["rows_written"] == len(data.scores), s
     assert _snapshot_parts(out, committed) == kept

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from _cli import run_concurrently
 
 from nsfw_dask import NSFWScorer
 from nsfw_dask.exceptions import EmbeddingFormatError
@@ -36,7 +37,14 @@ from nsfw_dask.pipeline import (
 
 pytestmark = pytest.mark.weights
 
+#: The CLI's own cluster, for the runs about it and the runs that fail before a cluster starts;
+#: other CLI runs use the session's cluster (``shared``, 1 worker x 1 thread, conftest.py).
 CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "--no-progress"]
+
+
+@pytest.fixture()
+def shared(shared_scheduler: str) -> list[str]:
+    return ["--scheduler", shared_scheduler, "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +129,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> 
         timeout=timeout,
         **kw,
     )
+
+
+def run_clis(*args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent CLI runs, two at a time (``_cli.run_concurrently``), in the given order."""
+    cmds = [[sys.executable, "-m", "nsfw_dask", *a] for a in args]
+    return run_concurrently(*cmds, env=dict(os.environ), timeout=300)
 
 
 def one_line_error(r: subprocess.CompletedProcess, code: int = 1) -> str:
@@ -339,25 +353,26 @@ def test_quantiles_exact_to_the_bin():
 # ----------------------------------------------------------------------------- the CLI
 
 
-def test_cli_json_and_human_summary(tmp_path, x16):
+def test_cli_json_and_human_summary(tmp_path, x16, shared):
     src = make_npy(tmp_path / "laion", x16[:800], [800])
-    r = run_cli("score", str(src), str(tmp_path / "out"), "--json", "--threshold", "0.5", *CLUSTER)
+    r = run_cli("score", str(src), str(tmp_path / "out"), "--json", "--threshold", "0.5", *shared)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert {"rows", "rows_written", "partitions", "partitions_reused", "seconds", "rows_per_s", "output"} <= set(s)
     assert (s["rows"], s["rows_written"], s["partitions"], s["output"]) == (800, 800, 1, str(tmp_path / "out"))
-    r = run_cli("score", str(src), str(tmp_path / "out"), "--resume", "--threshold", "0.5", *CLUSTER)
+    r = run_cli("score", str(src), str(tmp_path / "out"), "--resume", "--threshold", "0.5", *shared)
     assert r.returncode == 0, r.stderr
     assert "parts            1 (1 reused)" in r.stdout and "score quantiles  p01" in r.stdout
 
 
-def test_cli_sigkill_of_the_process_group_then_resume(tmp_path, l14_ref, expected):
-    x = np.tile(l14_ref["inputs"], (2, 1))
-    src = make_parquet(tmp_path / "in", x, [2692, 2692])
+def test_cli_sigkill_of_the_process_group_then_resume(tmp_path, l14_ref, expected, shared):
+    # 2 files of 1,346 rows, row groups of 400 cut in two: 14 parts of at most 200 rows
+    x = l14_ref["inputs"]
+    src = make_parquet(tmp_path / "in", x, [1346, 1346])
     out = tmp_path / "out"
-    args = ["score", str(src), str(out), "--batch-size", "1", "--rows-per-partition", "400", *CLUSTER]
+    args = ["score", str(src), str(out), "--batch-size", "1", "--rows-per-partition", "200"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nsfw_dask", *args],
+        [sys.executable, "-m", "nsfw_dask", *args, *CLUSTER],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -370,33 +385,37 @@ def test_cli_sigkill_of_the_process_group_then_resume(tmp_path, l14_ref, expecte
     proc.communicate(timeout=30)
     committed = len(parts(out))
     assert 2 <= committed < 14 and not (out / SUCCESS_FILE).exists()
-    r = run_cli(*args)
+    r = run_cli(*args, *CLUSTER)
     assert "--resume" in one_line_error(r, 2)
-    r = run_cli(*args, "--resume", "--json")
+    r = run_cli(*args, "--resume", "--json", *shared)  # the killed run's cluster is gone: any will do
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["partitions"] == 14 and s["partitions_reused"] >= committed - 1 > 0
     got = read(out)
     np.testing.assert_array_equal(got["id"].to_numpy(), np.arange(len(x)) * 3)
-    np.testing.assert_allclose(got["nsfw_score"].to_numpy(), np.tile(expected, 2), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected, rtol=0, atol=1e-6)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_cli_glob_and_file_url_overlap_never_deletes_input(tmp_path, l14_ref):
     data = make_parquet(tmp_path / "g2", l14_ref["inputs"][:200], [100, 100])
     before = {p.name: p.read_bytes() for p in data.iterdir()}
-    for args in (
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    cases = (
         [str(data / "*.parquet"), str(data), "--overwrite", "--filter", "keep-safe"],
         [f"file://{data}", str(data), "--overwrite"],
         [str(data / "*.parquet"), str(data)],
         [str(data), f"file://{data}/sub", "--overwrite"],
-    ):
-        line = one_line_error(run_cli("score", *args, *CLUSTER), 2)
-        assert "overlaps INPUT" in line and "--overwrite" not in line.replace("never", ""), line
+    )
+    *runs, r_link = run_clis(
+        *(["score", *args, *CLUSTER] for args in cases), ["score", str(data), str(link), "--overwrite", *CLUSTER]
+    )
+    for args, r in zip(cases, runs):
+        line = one_line_error(r, 2)
+        assert "overlaps INPUT" in line and "--overwrite" not in line.replace("never", ""), (args, line)
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
-    link = tmp_path / "link"
-    link.symlink_to(data)
-    line = one_line_error(run_cli("score", str(data), str(link), "--overwrite", *CLUSTER), 2)
+    line = one_line_error(r_link, 2)
     assert "overlaps INPUT" in line
 
 
@@ -410,17 +429,21 @@ def test_cli_tilde_is_expanded_everywhere(tmp_path, x16):
 
 def test_cli_score_column_clashes(tmp_path, x16):
     src = make_npy(tmp_path / "laion", x16[:100], [100], extra={"is_nsfw": np.zeros(300, bool)})
-    line = one_line_error(run_cli("score", str(src), str(tmp_path / "o"), "--threshold", "0.5", *CLUSTER), 2)
-    assert "'is_nsfw'" in line and "--threshold" in line and "--score-column" not in line
-    line = one_line_error(run_cli("score", str(src), str(tmp_path / "o"), "--score-column", "is_nsfw", *CLUSTER), 2)
-    assert "'is_nsfw'" in line
     src2 = make_npy(tmp_path / "l2", x16[:100], [100])
-    line = one_line_error(
-        run_cli("score", str(src2), str(tmp_path / "o"), "--score-column", "is_nsfw", "--threshold", "0.5", *CLUSTER), 2
+    o = str(tmp_path / "o")
+    r1, r2, r3, *empty = run_clis(
+        ["score", str(src), o, "--threshold", "0.5", *CLUSTER],
+        ["score", str(src), o, "--score-column", "is_nsfw", *CLUSTER],
+        ["score", str(src2), o, "--score-column", "is_nsfw", "--threshold", "0.5", *CLUSTER],
+        *(["score", str(src2), o, "--score-column", bad, *CLUSTER] for bad in ("", "  ")),
     )
+    line = one_line_error(r1, 2)
+    assert "'is_nsfw'" in line and "--threshold" in line and "--score-column" not in line
+    line = one_line_error(r2, 2)
+    assert "'is_nsfw'" in line
+    line = one_line_error(r3, 2)
     assert "clashes" in line
-    for bad in ("", "  "):
-        r = run_cli("score", str(src2), str(tmp_path / "o"), "--score-column", bad, *CLUSTER)
+    for r in empty:
         assert r.returncode == 2 and "cannot be empty" in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -444,23 +467,25 @@ def test_cli_errors_are_one_line_before_the_cluster(tmp_path, l14_ref, x16):
         ([str(b32)], "img_emb_0.npy holds 512-d embeddings; the vit-l-14 head expects 768"),
         ([str(good), "--model", "vit-b-32"], "--model vit-l-14"),
     ]
-    for args, text in cases:
-        t = time.perf_counter()
-        r = run_cli("score", args[0], str(tmp_path / "o"), *args[1:], *CLUSTER)
+    # each case its own OUTPUT, two runs at a time (each run's own time is measured)
+    runs = run_clis(
+        *(["score", args[0], str(tmp_path / f"o{i}"), *args[1:], *CLUSTER] for i, (args, _) in enumerate(cases))
+    )
+    for i, ((args, text), r) in enumerate(zip(cases, runs)):
         line = one_line_error(r, 2 if "npy folder" in text else 1)
         assert text in line, (args, line)
         assert "An error occurred while calling" not in r.stderr and "model=" not in line
         assert "model_dir=" not in line
-        assert not (tmp_path / "o").exists()
+        assert not (tmp_path / f"o{i}").exists()
         if "--model" not in args:
-            assert time.perf_counter() - t < 30, "the error came after a cluster started"
+            assert r.seconds < 30, ("the error came after a cluster started", args, r.seconds)
 
 
-def test_cli_parquet_npy_metadata_with_an_embedding_column(tmp_path, x16, expected16):
+def test_cli_parquet_npy_metadata_with_an_embedding_column(tmp_path, x16, expected16, shared):
     src = make_npy(tmp_path / "laion", x16[:200], [200], extra={"embedding": [f"text-{i}" for i in range(200)]})
     line = one_line_error(run_cli("score", str(src), str(tmp_path / "o"), *CLUSTER), 2)
     assert "already has a column 'embedding'" in line and "--column" in line
-    r = run_cli("score", str(src), str(tmp_path / "o"), "--column", "clip", "--json", *CLUSTER)
+    r = run_cli("score", str(src), str(tmp_path / "o"), "--column", "clip", "--json", *shared)
     assert r.returncode == 0, r.stderr
     got = read(tmp_path / "o")
     assert list(got.columns) == ["row_number", "url", "caption", "key", "embedding", "nsfw_score"]
@@ -468,7 +493,7 @@ def test_cli_parquet_npy_metadata_with_an_embedding_column(tmp_path, x16, expect
     np.testing.assert_allclose(got["nsfw_score"].to_numpy(), expected16[:200], rtol=0, atol=1e-6)
 
 
-def test_cli_wrong_width_rows_name_the_file_and_its_row(tmp_path, l14_ref):
+def test_cli_wrong_width_rows_name_the_file_and_its_row(tmp_path, l14_ref, shared):
     x = l14_ref["inputs"][:200]
     rows = [list(r) for r in x]
     for k in (103, 150):
@@ -478,22 +503,22 @@ def test_cli_wrong_width_rows_name_the_file_and_its_row(tmp_path, l14_ref):
     pq.write_table(pa.table({"embedding": pa.array(rows[:100], type=pa.list_(pa.float32()))}), folder / "a.parquet")
     pq.write_table(pa.table({"embedding": pa.array(rows[100:], type=pa.list_(pa.float32()))}), folder / "b.parquet")
     out = tmp_path / "o"
-    line = one_line_error(run_cli("score", str(folder), str(out), *CLUSTER))
+    line = one_line_error(run_cli("score", str(folder), str(out), *shared))
     assert "b.parquet" in line and "row 3 has 767 values" in line and "2 rows have a wrong length" in line, line
     assert not (out / SUCCESS_FILE).exists()  # a.parquet's part may be committed (resumable), never finished
     # a failed run that committed nothing leaves none of the folders it made
     (folder / "a.parquet").unlink()
-    line = one_line_error(run_cli("score", str(folder), str(tmp_path / "deep" / "er" / "o"), *CLUSTER))
+    line = one_line_error(run_cli("score", str(folder), str(tmp_path / "deep" / "er" / "o"), *shared))
     assert "b.parquet" in line
     assert not (tmp_path / "deep").exists()
 
 
-def test_cli_zero_rows(tmp_path):
+def test_cli_zero_rows(tmp_path, shared):
     pq.write_table(
         pa.table({"id": pa.array([], pa.int64()), "embedding": pa.array([], pa.list_(pa.float32()))}),
         tmp_path / "z.parquet",
     )
-    r = run_cli("score", str(tmp_path / "z.parquet"), str(tmp_path / "o"), *CLUSTER)
+    r = run_cli("score", str(tmp_path / "z.parquet"), str(tmp_path / "o"), *shared)
     assert r.returncode == 0, r.stderr
     assert "score quantiles  (no scores" in r.stdout and "rows scored      0" in r.stdout
     assert pd.read_parquet(tmp_path / "o").shape == (0, 2)

@@ -53,13 +53,16 @@ def _wait_workers(sched_file: Path, n: int, timeout: float = 120) -> str:
 def cluster_procs():
     procs: list[subprocess.Popen] = []
     yield procs
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    # the workers first, while their scheduler is there to take their goodbye: a worker whose
+    # scheduler is gone retries to reach it before it exits (~8 s)
+    for group in (procs[1:], procs[:1]):
+        for p in group:
+            p.terminate()
+        for p in group:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def test_local_paths_must_be_shared_by_every_worker(tmp_path, l14_ref, cluster_procs):
