@@ -15,9 +15,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _cli import run_concurrently
 
 from nsfw_dask import NSFWScorer
+
+from _cli import run_concurrently
 
 pytestmark = pytest.mark.weights
 

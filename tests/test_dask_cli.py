@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from _cli import run_concurrently
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from _cli import run_concurrently
 
 from nsfw_dask import NSFWScorer
 from nsfw_dask.exceptions import EmbeddingFormatError
@@ -34,6 +33,8 @@ from nsfw_dask.pipeline import (
     quantiles_from_histogram,
     score_dataset,
 )
+
+from _cli import run_concurrently
 
 pytestmark = pytest.mark.weights
 
