@@ -114,14 +114,15 @@ def read_part(fs, part):
 
 def main():
     from distributed import Client, LocalCluster, as_completed
-    from nsfw_dask.pipeline import default_cluster_shape, plan_input
+    from nsfw_dask.pipeline import default_cluster_shape, default_worker_env, plan_input
 
     t0 = time.perf_counter()
     plan = plan_input(sys.argv[1])
     # the CLI's default layout (nsfw_dask.pipeline._cluster with no --workers/--threads-per-worker)
     workers, threads = default_cluster_shape()
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                      dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster, \\
+                      dashboard_address=":0", silence_logs=logging.CRITICAL,
+                      env=default_worker_env()) as cluster, \\
             Client(cluster) as c:
         t1 = time.perf_counter()
         futs = c.map(read_part, [plan.in_fs] * len(plan.parts), plan.parts, pure=False)

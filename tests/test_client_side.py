@@ -19,8 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-pytestmark = pytest.mark.weights
-
 
 def _dataset(folder: Path, x: np.ndarray) -> Path:
     folder.mkdir()
@@ -37,6 +35,7 @@ def _run(code: str, cwd: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.weights
 def test_score_dataset_on_a_cluster_imports_no_torch_on_the_client(tmp_path, l14_ref):
     x = l14_ref["inputs"][:300]
     _dataset(tmp_path / "in", x)
@@ -76,3 +75,19 @@ def test_cli_planning_error_comes_without_torch(tmp_path):
         tmp_path,
     )
     assert got == {"code": 1, "torch": False, "dask.dataframe": False}
+
+
+def test_the_jobs_cpu_cluster_keeps_freed_memory_a_few_seconds_in_its_workers(monkeypatch):
+    """pyarrow's allocator in the job's own workers returns freed memory after 5 s, not at once
+    (each partition's decode would page-fault its buffers in again); the user's setting wins."""
+    import os
+
+    from nsfw_dask import pipeline
+
+    monkeypatch.delenv("MIMALLOC_PURGE_DELAY", raising=False)
+    assert pipeline.default_worker_env() == {"MIMALLOC_PURGE_DELAY": "5000"}
+    with pipeline._cluster(None, 1, 1, False, True) as (client, embedded):
+        assert embedded
+        assert set(client.run(lambda: os.environ.get("MIMALLOC_PURGE_DELAY")).values()) == {"5000"}
+    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "250")
+    assert pipeline.default_worker_env() == {"MIMALLOC_PURGE_DELAY": "250"}
