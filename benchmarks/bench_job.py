@@ -508,17 +508,15 @@ def marginal(runner: Runner, kind: str, rows: dict[str, int]) -> dict[str, Any]:
 
 
 def sgemm_samples(runs: int, n: int = 2048) -> list[float]:
-    """FLOP/s of ``runs`` back-to-back n^3 sgemms on all cores (torch's default threads)."""
+    """FLOP/s of ``runs`` back-to-back n^3 sgemms on all cores: ``bench_scoring``'s timing loop
+    (the one behind L's peak), every sample kept."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import bench_scoring
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        out.append(2 * n**3 / (time.perf_counter() - t0))
-    return out
+    _, ts = bench_scoring.median_time(lambda: torch.mm(a, b), runs)
+    return [2 * n**3 / t for t in ts]
 
 
 def measure_limit(repeats: int) -> dict[str, Any]:
