@@ -108,8 +108,11 @@ def X(l14_ref: dict[str, np.ndarray]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def oracle(X: np.ndarray, l14_ref: dict[str, np.ndarray]) -> Oracle:
     o = Oracle(X)
-    # the oracle itself is NeMo Curator's port (README: bitwise at batch >= 256)
-    np.testing.assert_allclose(o.big32, l14_ref["nemo_scores"], rtol=0, atol=1e-6)
+    # The oracle is our own array API, computed here.  The stored NeMo scores were computed on
+    # another CPU: their last bits follow that CPU's BLAS kernels (up to 3.5e-6 apart across the
+    # CPUs measured, ../shared/reference/README.md), so they are compared within the contract's
+    # 1e-5, never bitwise.
+    np.testing.assert_allclose(o.big32, l14_ref["nemo_scores"], rtol=0, atol=1e-5)
     return o
 
 

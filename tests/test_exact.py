@@ -335,7 +335,9 @@ def test_default_mode_is_unchanged_and_differs_from_exact(head: dict) -> None:
     assert d_exact.max() <= TOL and flips_exact == 0
     if head["tag"] == "l14":
         nemo = _npz("l14_reference.npz")["nemo_scores"]
-        np.testing.assert_array_equal(default[: len(nemo)].astype(np.float32), nemo)
+        # the stored NeMo scores come from another CPU (last bits differ by up to 3.5e-6 across
+        # CPUs): the contract's 1e-5, not bitwise (README, "Exactness")
+        np.testing.assert_allclose(default[: len(nemo)], nemo, rtol=0, atol=1e-5)
 
 
 def test_exact_type_checked() -> None:
