@@ -1,17 +1,31 @@
 """The head's forward pass into preallocated buffers: no allocation per batch.
 
-``NSFWModel.forward`` allocates every intermediate (a 1,024 x 512 float32 activation is 2 MB,
-which glibc serves with a fresh ``mmap`` and page faults on every batch).  ``Runner`` computes
-the same operations (``(x - mean) / sqrt(variance)``, then ``addmm`` + ``relu_`` per layer,
-``sigmoid``) into buffers it keeps per thread, so the per-batch cost is the arithmetic alone:
-on the reference set its scores equal NeMo Curator's bit for bit at any batch size (every batch
-is computed as whole 64-row blocks: ``Runner._padded``), and it runs at about twice the module's
-rows/s at batch 1,024 on the 2-core CI machine (README, Performance).
+``NSFWModel.forward`` (NeMo Curator's port) computes ``(x - mean) / sqrt(variance)``, then
+``Linear`` + ReLU per layer and a sigmoid, allocating every intermediate.  ``Runner`` computes the
+same function into buffers it keeps per thread, with one pass fewer over each batch:
 
-Buffers are sized to the largest batch seen (at most ``batch_size``) and grow on demand; runners
-are kept per thread in a weak mapping keyed by the model.  They never shrink on their own:
-``release_buffers`` (public: ``nsfw_dask.gpu.release_gpu_buffers``) frees them in every thread of
-the process, and the next batch allocates them again.
+* ``x - mean`` is computed per element in float32, into the block buffer (fused with the cast of
+  a float16/float64 batch, and with the tail padding): for CLIP-like embeddings, which sit near
+  LAION's mean, this difference is nearly exact, which is why NeMo's port is accurate there;
+* the division by ``sqrt(variance)`` is folded into the first layer's weights, computed in
+  float64 and rounded once (``W1 / std``): one elementwise pass less;
+* then ``addmm`` + ``relu_`` per layer and a sigmoid.
+
+Folding the mean into the bias as well would save the subtraction too, but loses that exactness:
+measured on the reference set, the fully folded head is 2x further from a float64 evaluation on
+the CLIP-like groups (docs/exact.md, "The contract"), so it is not used.  The scores are within
+1e-5 of NeMo Curator's port (its own last bits move by as much with the CPU and the batch size)
+and no less accurate against float64 (``tests/test_contract.py``).
+
+Determinism: a row's score never depends on its batch.  On CPU every batch is computed as a
+whole number of ``ROW_BLOCK``-row blocks of at least ``MIN_ROWS`` rows, the tail padded
+(``Runner.__call__``); on CUDA every forward pass has exactly ``CUDA_BLOCK_ROWS`` rows, since
+cuBLAS picks its kernels by shape.
+
+Buffers are sized to the largest batch seen (at most ``batch_size``; on CUDA one block) and grow
+on demand; runners are kept per thread in a weak mapping keyed by the model.  They never shrink
+on their own: ``release_buffers`` (public: ``nsfw_dask.gpu.release_gpu_buffers``) frees them in
+every thread of the process, and the next batch allocates them again.
 """
 
 from __future__ import annotations
@@ -26,13 +40,24 @@ import torch
 from .exact import CategoricalEncoding, ExactNSFWModel
 from .models import NSFWModel
 
-__all__ = ["MIN_ROWS", "ROW_BLOCK", "Runner", "get_runner", "release_buffers"]
+__all__ = ["CUDA_BLOCK_ROWS", "MIN_ROWS", "ROW_BLOCK", "Runner", "get_runner", "release_buffers"]
 
-#: Every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
-#: ``MIN_ROWS`` rows, padding the last one (see ``Runner._padded``): measured here, batches of
-#: that shape round exactly like NeMo Curator's at any length and thread count.
+#: CPU: every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
+#: ``MIN_ROWS`` rows, the tail padded.  BLAS computes the rows of a GEMM in blocks; rows left
+#: over after the last full block, and short matrices, go through other kernels that round
+#: differently in the last bits (up to 6e-6 in a score for a 1-row batch), and for some short
+#: sizes differently per thread count.  Padded, every row goes through the full-block kernel:
+#: bitwise identical scores whatever the batch size, partitioning or thread count (checked by
+#: ``tests/test_determinism.py`` on every CPU the suite runs on, and under other MKL kernel
+#: choices, ``MKL_ENABLE_INSTRUCTIONS``), at the cost of at most 63 extra rows per partition.
 ROW_BLOCK = 64
 MIN_ROWS = 256
+#: CUDA: every forward pass has exactly this many rows, the last block of a call padded.
+#: cuBLAS chooses tile shapes and split-K by the matrix shape, so a row's last bits would
+#: otherwise depend on how many rows shared its batch (measured on an H100: 8.1e-6 between
+#: batch shapes).  One shape, one kernel per layer: the batch size and the partitioning no longer
+#: matter.  32,768 rows are ~210 MB of float32 buffers and a few ms of work per pass.
+CUDA_BLOCK_ROWS = 32_768
 
 _tls = threading.local()
 #: Every runner of the process, whichever thread made it (for ``release_buffers``).
@@ -40,8 +65,36 @@ _all_runners: weakref.WeakSet[Runner] = weakref.WeakSet()
 _all_lock = threading.Lock()
 
 
+def _fold_first_layer(model: NSFWModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W1 / std`` (transposed, contiguous) and ``mean``, in the model's dtype.
+
+    The quotient is computed in float64 and rounded once; ``(x - mean) @ (W1 / std).T`` is then
+    the normalization and the first layer without the division pass.
+    """
+    std = model.norm.variance.double().sqrt()
+    w1 = model.linear_1.weight.double() / std
+    dtype = model.linear_1.weight.dtype
+    return w1.t().contiguous().to(dtype), model.norm.mean.to(dtype)
+
+
+#: The sigmoid runs in place over whole padded blocks, in chunks of this many values: a multiple
+#: of 64 and below torch's parallel grain size (32,768), so every value goes through the same
+#: vectorized kernel.  torch computes the elements left over after its last full SIMD vector with
+#: the scalar ``std::exp``, which rounds differently from the vector ``exp`` (1 ulp on 199 of the
+#: 2,692 reference rows for a 1-row batch); a split across threads could leave such a tail anywhere.
+SIGMOID_CHUNK = 4096
+
+
+def _sigmoid_blocks_(h: torch.Tensor) -> None:
+    if h.device.type != "cpu":  # a GPU thread computes each element alike
+        h.sigmoid_()
+        return
+    for i in range(0, h.shape[0], SIGMOID_CHUNK):
+        h[i : i + SIGMOID_CHUNK].sigmoid_()
+
+
 class Runner:
-    """Buffers and pre-transposed weights for one model on one device, in one thread."""
+    """Buffers and folded, pre-transposed weights for one model on one device, in one thread."""
 
     def __init__(
         self, model: NSFWModel | ExactNSFWModel, device: torch.device, *, impute_eagerly: bool | None = None
@@ -61,22 +114,23 @@ class Runner:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, device
         with torch.inference_mode():
-            self.mean = model.norm.mean.to(device)
-            self.std = model.norm.variance.sqrt().to(device)
-            self.layers = [
+            w1_t, mean = _fold_first_layer(model)
+            self.mean = mean.to(device)
+            self.layers = [(w1_t.to(device), model.linear_1.bias.to(device))] + [
                 (
                     getattr(model, f"linear_{i}").weight.t().contiguous().to(device),
                     getattr(model, f"linear_{i}").bias.to(device),
                 )
-                for i in range(1, model.n_linear + 1)
+                for i in range(2, model.n_linear + 1)
             ]
         self.dim = self.mean.shape[0]
         if self.encoding is not None:
-            cols = self.encoding.columns
-            self.cat_mean, self.cat_std = self.mean[cols], self.std[cols]
+            self.cat_mean = self.mean[self.encoding.columns]
+        # CUDA: one forward shape for every pass (``CUDA_BLOCK_ROWS``); CPU: whole 64-row blocks
+        self.block = CUDA_BLOCK_ROWS if device.type == "cuda" else None
         self.capacity = 0
         self.x_in: torch.Tensor | None = None
-        # the normalized batch and each layer's output; allocated by ``_reserve``
+        # the centered batch and each layer's output; allocated by ``_reserve``
         self.x_norm: torch.Tensor | None = None
         self.hidden: list[torch.Tensor] | None = None
         # Host -> CUDA staging (a pandas partition scored with device="cuda"): two pinned buffers
@@ -87,8 +141,12 @@ class Runner:
         self._pinned_done: list[Any] = [None, None]
         self._staged: torch.Tensor | None = None
         self._slot = 0
-        self._pad: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self._pad_out: torch.Tensor | None = None
+
+    def rows_for(self, n: int) -> int:
+        """How many rows a forward pass over ``n`` rows computes (``n`` plus the padding)."""
+        if self.block is not None:
+            return self.block
+        return max(MIN_ROWS, -(-n // ROW_BLOCK) * ROW_BLOCK)
 
     def _reserve(self, n: int) -> None:
         if n <= self.capacity:
@@ -96,7 +154,7 @@ class Runner:
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.x_norm = torch.empty(n, self.dim, **kw)
         self.hidden = [torch.empty(n, w.shape[1], **kw) for w, _ in self.layers]
-        self.x_in = None  # allocated only if a batch needs a cast or a move
+        self.x_in = None  # allocated only if a batch is staged from the host
         self._pinned = [None, None]  # a copy still reading the old ones keeps them (torch's host allocator)
         self._pinned_done = [None, None]
         self._staged = None
@@ -107,7 +165,7 @@ class Runner:
 
         Only while no other thread scores with this runner (``release_buffers`` documents when).
         """
-        held = self.capacity > 0 or bool(self._pad) or self._pad_out is not None
+        held = self.capacity > 0
         if self.device.type == "cuda" and held:
             # the last batch's kernels may still read them: let them finish before the memory goes
             torch.cuda.current_stream(self.device).synchronize()
@@ -117,40 +175,9 @@ class Runner:
         self._pinned = [None, None]
         self._pinned_done = [None, None]
         self._staged = None
-        self._pad = {}
-        self._pad_out = None
         if self._imputer is not None:
             held = self._imputer.release() or held
         return held
-
-    def _padded(self, x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
-        """A batch whose length is not a multiple of ``ROW_BLOCK`` (or is under ``MIN_ROWS``),
-        computed padded to one that is.
-
-        BLAS computes the rows of a GEMM in blocks; rows left over after the last full block,
-        and short matrices, go through other kernels whose sums round differently in the last
-        bits (up to 6e-6 in a score for a 1-row batch, 1e-7 for a tail of a long one), and for
-        some short sizes differently per thread count.  A row's score would then depend on how
-        many rows shared its batch (a partition's tail) and on the worker's threads.  Padded,
-        every row goes through the full-block kernel: scores are bitwise identical whatever the
-        batch size, partitioning or thread count (measured here: MKL sgemm, 2-core AVX2 CPU),
-        at the cost of at most ``ROW_BLOCK - 1`` extra rows per partition.
-        """
-        n = x.shape[0]
-        m = max(MIN_ROWS, -(-n // ROW_BLOCK) * ROW_BLOCK)
-        key = (x.dtype, x.device)
-        pad = self._pad.get(key)
-        if pad is None or pad.shape[0] < m:
-            pad = self._pad[key] = torch.zeros(m, self.dim, dtype=x.dtype, device=x.device)
-        if self._pad_out is None or self._pad_out.shape[0] < m:
-            self._pad_out = torch.empty(m, dtype=torch.float32, device=self.device)
-        pad[:n].copy_(x)
-        pad[n:m].zero_()  # rows are independent; zeros keep the padding cheap and finite
-        if codes is not None:
-            codes = torch.cat([codes, codes.new_zeros(m - n, codes.shape[1])])
-        pad_out = self._pad_out[:m]
-        self(pad[:m], pad_out, codes)
-        out.copy_(pad_out[:n])
 
     def _stage_to_cuda(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """Copy a CPU batch to ``self.x_in`` through pinned memory, asynchronously (CUDA only).
@@ -167,10 +194,11 @@ class Runner:
         that also casts makes torch allocate a temporary device tensor on every call (a blocking
         one casts on the CPU instead), so a float16 or float64 batch is copied into ``_staged``,
         a device buffer of its own dtype, and cast into ``x_in`` on the GPU (same stream, so in
-        order).  NOT RUN by the authors (no GPU); falls back to a plain copy if pinning fails.
+        order).  Falls back to a plain copy if pinning fails.
         """
         x_in = self.x_in
-        assert x_in is not None  # allocated by ``__call__``, the only caller, just before
+        if x_in is None:
+            x_in = self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
         k = self._slot = self._slot ^ 1
         buf = self._pinned[k]
         if buf is None or buf.dtype != x.dtype:
@@ -205,60 +233,80 @@ class Runner:
         """
         return None if self.encoding is None else self.encoding.codes(x)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        codes: torch.Tensor | None = None,
+        *,
+        norms: torch.Tensor | None = None,
+        normalize: bool = False,
+    ) -> None:
         """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``).
 
-        ``codes``: exact mode's ``self.codes(x)``, if already computed.
+        ``codes``: exact mode's ``self.codes(x)``, if already computed.  ``norms``: an ``(n,)``
+        float32 tensor on ``self.device`` that receives each row's L2 norm (computed from the
+        batch while it is in cache).  ``normalize``: score ``x / ||x||`` (a zero row gets NaN).
         """
         n = x.shape[0]
-        if n and (n < MIN_ROWS or n % ROW_BLOCK):
-            self._padded(x, out, codes)
+        if n == 0:
             return
-        self._reserve(n)
+        if self.block is not None and n > self.block:  # CUDA: one block per forward pass
+            b = self.block
+            for i in range(0, n, b):
+                self(
+                    x[i : i + b],
+                    out[i : i + b],
+                    None if codes is None else codes[i : i + b],
+                    norms=None if norms is None else norms[i : i + b],
+                    normalize=normalize,
+                )
+            return
+        m = self.rows_for(n)
+        self._reserve(m)
         x_norm, hidden = self.x_norm, self.hidden
-        if x_norm is None or hidden is None:
-            # only an empty batch before any other (``score_tensor`` never passes one): no
-            # buffers yet; the same error that indexing the missing buffer below used to raise
-            raise TypeError("'NoneType' object is not subscriptable")
+        assert x_norm is not None and hidden is not None  # allocated by ``_reserve``
         src = x
+        if x.device != self.device:  # a host batch scored on CUDA
+            x = self._stage_to_cuda(x, n)
+        h = x_norm[:m]
         enc = self.encoding
         eager = enc is not None and self.impute_eagerly
-        h = None
-        if x.dtype != self.dtype or x.device != self.device:
-            if x.device.type == "cpu" and self.device.type == "cuda":
-                if self.x_in is None:
-                    self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
-                x = self._stage_to_cuda(x, n)
-            elif not eager:
-                # cast straight into the normalization buffer and subtract in place: the same
-                # float32 arithmetic as ``sub(cast, mean)``, one buffer (and one pass) fewer
-                h = x_norm[:n].copy_(x, non_blocking=True).sub_(self.mean)
-            else:
-                x_in = self.x_in
-                if x_in is None:
-                    x_in = self.x_in = torch.empty(self.capacity, self.dim, dtype=self.dtype, device=self.device)
-                x = x_in[:n].copy_(x, non_blocking=True)
-        if h is None and eager:  # exact mode: NaN -> 0 (+-inf kept)
-            h = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf, out=x_norm[:n])
-            h.sub_(self.mean)
-        elif h is None:
-            h = torch.sub(x, self.mean, out=x_norm[:n])
-        h.div_(self.std)
-        if enc is not None:  # the categorical columns: their vocabulary indices, normalized
+        need_norms = norms is not None or normalize
+        if x.dtype == self.dtype and not eager and not need_norms:
+            torch.sub(x, self.mean, out=h[:n])  # one pass: read the batch, write it centered
+        else:
+            # cast (or copy) into the block buffer first: torch's mixed-dtype ``sub`` is a slow
+            # scalar path on CPU, and the norms are then taken from the buffer while it is in cache
+            hn = h[:n].copy_(x)
+            if eager:  # exact mode: NaN -> 0 (+-inf kept)
+                torch.nan_to_num(hn, nan=0.0, posinf=math.inf, neginf=-math.inf, out=hn)
+            if need_norms:
+                if norms is not None and norms.dtype == self.dtype and norms.device == self.device:
+                    nrm = torch.linalg.vector_norm(hn, dim=1, out=norms)
+                else:
+                    nrm = torch.linalg.vector_norm(hn, dim=1)
+                    if norms is not None:
+                        norms.copy_(nrm)
+                if normalize:
+                    hn.div_(nrm.unsqueeze(1))  # a zero row: 0/0 = NaN everywhere, so a NaN score
+                    if enc is not None:  # exact mode looks up the values it scores
+                        codes = enc.codes(hn)
+            hn.sub_(self.mean)
+        if m > n:
+            h[n:m].zero_()  # padding rows: finite (the mean itself), never read back
+        if enc is not None:  # the categorical columns: their vocabulary indices, centered
             if codes is None:
                 codes = enc.codes(src)
             codes = codes.to(device=self.device, dtype=self.dtype)
-            h[:, enc.columns] = torch.sub(codes, self.cat_mean).div_(self.cat_std)
+            h[:n, enc.columns] = torch.sub(codes, self.cat_mean)
         last = len(self.layers) - 1
         for i, (w_t, b) in enumerate(self.layers):
-            h = torch.addmm(b, h, w_t, out=hidden[i][:n])
+            h = torch.addmm(b, h, w_t, out=hidden[i][:m])
             if i < last:
                 h.relu_()
-        h = h.view(-1)
-        if out.dtype == h.dtype and out.device == h.device:
-            torch.sigmoid(h, out=out)
-        else:
-            out.copy_(h.sigmoid_())
+        _sigmoid_blocks_(h.view(-1))
+        out.copy_(h.view(-1)[:n])
         if enc is not None and not self.impute_eagerly:
             nan = torch.isnan(out)
             if bool(nan.any()):  # rows with a NaN input: again, imputing (or NaN/inf for real)
@@ -269,7 +317,9 @@ class Runner:
                         raise RuntimeError("internal error: the model of this runner was freed")
                     self._imputer = Runner(model, self.device, impute_eagerly=True)
                 fixed = torch.empty(len(rows), dtype=out.dtype, device=out.device)
-                self._imputer(src[rows.to(src.device)], fixed, None if codes is None else codes[rows])
+                self._imputer(
+                    src[rows.to(src.device)], fixed, None if codes is None else codes[rows], normalize=normalize
+                )
                 out[rows] = fixed
 
 

@@ -49,24 +49,34 @@ def score_tensor(
     batch_size: int,
     device: torch.device,
     out: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Score ``emb`` (``(n, dim)``, any float dtype/device) in batches into a float32 ``(n,)``.
 
     Each batch is moved and cast on its own, into a preallocated buffer, so a float16 or
     float64 column, or a CPU column scored on CUDA, never gets a full-size converted copy, and
-    no batch allocates (see ``nsfw_dask._forward``).
+    no batch allocates (see ``nsfw_dask._forward``).  On CUDA a batch is a whole number of
+    ``CUDA_BLOCK_ROWS``-row forward passes whatever ``batch_size`` says (one shape for cuBLAS:
+    a row's score does not depend on its batch).
+
+    ``norms``: an ``(n,)`` tensor on ``device`` that receives each row's L2 norm (the norm check);
+    ``normalize``: score ``x / ||x||`` instead of ``x`` (a zero row gets NaN).
     """
     n = emb.shape[0]
     if out is None:
         out = torch.empty(n, dtype=torch.float32, device=device)
     if n == 0:
         return out
-    bs = min(batch_size, n)
     runner = get_runner(model, device)
+    bs = min(batch_size, n)
+    if runner.block is not None:  # CUDA: whole blocks per batch
+        bs = -(-bs // runner.block) * runner.block
     with torch.inference_mode():
-        if runner.encoding is None:
+        if runner.encoding is None or normalize:  # exact mode + normalize: codes of the normalized rows
             for i in range(0, n, bs):
-                runner(emb[i : i + bs], out[i : i + bs])
+                nv = None if norms is None else norms[i : i + bs]
+                runner(emb[i : i + bs], out[i : i + bs], norms=nv, normalize=normalize)
             return out
         # exact mode: the vocabulary lookup for a chunk of batches at once (bounded memory)
         chunk = bs * max(1, _EXACT_CHUNK_ROWS // bs)
@@ -75,7 +85,8 @@ def score_tensor(
             codes = runner.codes(part)
             assert codes is not None  # runner.encoding is set: exact mode
             for i in range(0, part.shape[0], bs):
-                runner(part[i : i + bs], out[c + i : c + i + bs], codes[i : i + bs])
+                nv = None if norms is None else norms[c + i : c + i + bs]
+                runner(part[i : i + bs], out[c + i : c + i + bs], codes[i : i + bs], norms=nv)
     return out
 
 

@@ -379,7 +379,6 @@ def test_release_buffers_frees_and_rescoring_is_unchanged() -> None:
     assert gpu.release_gpu_buffers() == 0
     assert release_buffers(device_type="cpu") >= 1
     assert runner.capacity == 0 and runner.x_norm is None and runner.hidden is None
-    assert runner._pad == {} and runner._pad_out is None
     after = score_tensor(head, x, batch_size=512, device=dev)
     assert torch.equal(before, after)  # allocated again, same arithmetic, same bits
     assert runner.capacity == 512
