@@ -71,10 +71,11 @@ def _fold_first_layer(model: NSFWModel) -> tuple[torch.Tensor, torch.Tensor]:
     The quotient is computed in float64 and rounded once; ``(x - mean) @ (W1 / std).T`` is then
     the normalization and the first layer without the division pass.
     """
+    first = model.get_submodule("linear_1")
+    assert isinstance(first, torch.nn.Linear)
     std = model.norm.variance.double().sqrt()
-    w1 = model.linear_1.weight.double() / std
-    dtype = model.linear_1.weight.dtype
-    return w1.t().contiguous().to(dtype), model.norm.mean.to(dtype)
+    w1 = first.weight.double() / std
+    return w1.t().contiguous().to(first.weight.dtype), model.norm.mean.to(first.weight.dtype)
 
 
 #: The sigmoid runs in place over whole padded blocks, in chunks of this many values: a multiple
@@ -116,7 +117,7 @@ class Runner:
         with torch.inference_mode():
             w1_t, mean = _fold_first_layer(model)
             self.mean = mean.to(device)
-            self.layers = [(w1_t.to(device), model.linear_1.bias.to(device))] + [
+            self.layers = [(w1_t.to(device), model.get_parameter("linear_1.bias").to(device))] + [
                 (
                     getattr(model, f"linear_{i}").weight.t().contiguous().to(device),
                     getattr(model, f"linear_{i}").bias.to(device),
