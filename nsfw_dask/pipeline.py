@@ -460,9 +460,19 @@ def score_dataset(
     Raises
     ------
     JobError
-        Paths, options or an existing OUTPUT prevent the run; the message names the fix.
+        Paths, options or an existing OUTPUT prevent the run (code 2), among them another live
+        run writing ``output``; or the run failed: an input file changed while it ran, a write
+        into ``output`` failed (a full disk), another run took ``output`` over.  The message
+        names the file and the fix.
     EmbeddingFormatError
         A row cannot be scored; the message names the file and the row within it.
+
+    Notes
+    -----
+    One run at a time writes ``output``: the run holds ``output/_nsfw_dask_lease.json``, renewed
+    every sixth of ``$NSFW_DASK_LEASE_SECONDS`` (default 120); a run that died leaves it, and
+    ``resume=True`` or ``overwrite=True`` take it over once its process is gone (same machine) or
+    it has expired (:mod:`nsfw_dask._lease`).
     """
     from .weights import resolve_weights
 
