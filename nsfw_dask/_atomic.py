@@ -7,20 +7,28 @@ umask: ``mkstemp``'s ``0o600`` would hide it from other users' workers), then re
 target with ``os.replace``.  A reader sees the old file or the whole new one, never a part; a
 failed write leaves no temporary file behind.
 
-(The dataset writer in :mod:`nsfw_dask.pipeline` names its temporary files differently, so that
-a later run can recognise and clean up those of a crashed one; it does not use this module.)
+The job's OUTPUT uses :func:`put_small` for its small files (the job description, ``_SUCCESS``,
+the lease): locally the same temporary-then-rename, named by :func:`tmp_name` so that a later run
+recognises the temporaries of a crashed one (:data:`TMP_NAME`); on object stores one PUT.  A
+failed write there is a :class:`~nsfw_dask.exceptions.JobError` that names the file, OUTPUT and
+the fix (:func:`storage_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_writer", "read_umask"]
+from .exceptions import JobError
+
+__all__ = ["TMP_NAME", "atomic_write_bytes", "atomic_writer", "put_small", "read_umask", "storage_error", "tmp_name"]
 
 
 def read_umask() -> int:
@@ -64,3 +72,54 @@ def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_writer(dest) as out:
         out.write(data)
     return Path(dest)
+
+
+def tmp_name(name: str) -> str:
+    """The hidden temporary name under which ``name`` is written in OUTPUT (host and pid in it)."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+TMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def storage_error(what: str, output: str, e: BaseException) -> JobError:
+    """A failed write into OUTPUT as one line: the file, the reason, OUTPUT and the fix.
+
+    ``what`` names the file as the user sees it; ``output`` is OUTPUT as given.  A full disk reads
+    ``cannot write OUTPUT/_SUCCESS: No space left on device (OUTPUT ...). Free space ...``.
+    """
+    code = getattr(e, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) and code > 0 else (str(e).splitlines() or [""])[0]
+    return JobError(
+        f"cannot write {what}: {reason or type(e).__name__} (OUTPUT {output}). Free space there (or fix "
+        "the storage's permissions), then rerun the same command with --resume."
+    )
+
+
+def put_small(fs: Any, root: str, name: str, data: bytes, *, shown: str) -> None:
+    """Put ``data`` at ``root/name`` so that it appears only complete.
+
+    Locally: a :func:`tmp_name` file beside it, flushed and ``fsync``ed, renamed over it; the
+    temporary is removed if anything fails.  Elsewhere: one upload (the object exists only when
+    complete).  Any failure raises :func:`storage_error` (``shown``: OUTPUT as the user gave it).
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    final = f"{root}/{name}"
+    try:
+        if isinstance(fs, LocalFileSystem):
+            tmp = f"{root}/{tmp_name(name)}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        else:
+            fs.pipe_file(final, data)
+    except OSError as e:
+        raise storage_error(final if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(final), shown, e) from e

@@ -26,6 +26,7 @@ __all__ = [
     "Part",
     "Plan",
     "ROW_NUMBER_COLUMN",
+    "file_identity",
     "filesystem",
     "has_glob",
     "is_inside",
@@ -94,6 +95,13 @@ def _stamp(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def file_identity(info: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(size, mtime/ETag, inode/version id)`` of a file's ``fs.info``: what a task compares
+    with the plan before and after it reads the file (the job description keeps the first two)."""
+    ident = next((info[k] for k in ("ino", "VersionId", "generation") if info.get(k) is not None), None)
+    return info.get("size"), _stamp(info).get("version"), ident
+
+
 @dataclass(frozen=True)
 class Part:
     """One input partition and the output part it becomes."""
@@ -105,6 +113,8 @@ class Part:
     stop: int
     offset: int  # global row number of the file's row 0 (parquet_npy)
     name: str  # output part file name
+    # (fs path, size, mtime/ETag, inode/version id) of each file it reads, as planned
+    stamps: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -127,6 +137,7 @@ class Plan:
     out_root: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     job_id: str = ""
+    run_id: str = ""  # this run's lease (a part is committed only while OUTPUT's lease names it)
 
 
 def _footer(fs: Any, path: str) -> pq.FileMetaData:
@@ -304,6 +315,8 @@ def plan_input(
             raise JobError(f"INPUT {given}: {e}; add the .npy files or pass another folder.") from e
         except EmbeddingFormatError as e:
             raise JobError(f"INPUT {given}: {e}") from e
+        file_list = [p for pair in pairs for p in pair]
+        infos = map_threads(fs.info, file_list)  # before any header or footer is read
         headers = map_threads(lambda p: io.npy_header(fs, p[0]), pairs)
         footers = map_threads(lambda p: _footer(fs, p[1]), pairs)
         schema0 = footers[0].schema.to_arrow_schema()
@@ -360,7 +373,6 @@ def plan_input(
             for a, b in _split(shape[0], groups, rows_per_partition):
                 parts.append(Part(len(parts), meta, npy, a, b, offset, ""))
             offset += shape[0]
-        file_list = [p for pair in pairs for p in pair]
         meta_columns = names0
         pandas_md = None
         column_name = emb
@@ -374,6 +386,7 @@ def plan_input(
                 "folder that holds img_emb/ and metadata/.",
                 2,
             )
+        infos = map_threads(fs.info, files)  # before any footer is read
         footers = map_threads(lambda f: _footer(fs, f), files)
         schema0 = footers[0].schema.to_arrow_schema()
         where0 = show_path(fs, files[0])
@@ -397,6 +410,7 @@ def plan_input(
         src = file_list[-1] if kind == "parquet" else pairs[0][1]
         parts = [Part(0, src, None if kind == "parquet" else pairs[0][0], 0, 0, 0, "")]
     width = max(6, len(str(len(parts) - 1)))
+    ident = {f: file_identity(i) for f, i in zip(file_list, infos)}
     parts = [
         Part(
             p.index,
@@ -406,10 +420,10 @@ def plan_input(
             p.stop,
             p.offset,
             f"part.{p.index:0{width}d}.{_source_stem(p.source)}.parquet",
+            tuple((f, *ident[f]) for f in (p.npy, p.source) if f is not None),
         )
         for p in parts
     ]
-    infos = map_threads(fs.info, file_list)
     stamps = [{"path": show_path(fs, f), **_stamp(i)} for f, i in zip(file_list, infos)]
     return Plan(
         kind=kind,

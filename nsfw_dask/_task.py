@@ -8,9 +8,7 @@ import contextlib
 import json
 import logging
 import os
-import re
-import socket
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._plan import ROW_NUMBER_COLUMN, Part, Plan
+from ._atomic import TMP_NAME, storage_error, tmp_name
+from ._lease import confirm_holder
+from ._plan import ROW_NUMBER_COLUMN, Part, Plan, file_identity
 from ._version import __version__
 from .exceptions import EmbeddingFormatError, JobError
 from .io import is_local, show_path
@@ -250,21 +250,30 @@ def _pandas_version() -> str:
     return pd.__version__
 
 
-def tmp_name(name: str) -> str:
-    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _write_committed(
+    fs: Any, root: str, name: str, table: pa.Table, before_commit: Callable[[], None] | None = None
+) -> None:
+    """Write ``table`` so that ``root/name`` appears only complete: a rename, or one upload.
 
-
-TMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def _write_committed(fs: Any, root: str, name: str, table: pa.Table) -> None:
-    """Write ``table`` so that ``root/name`` appears only complete: a rename, or one upload."""
+    ``before_commit`` runs after the data is written (locally into the temporary) and before it
+    becomes the part: it raises to commit nothing.  A failed write names the part, OUTPUT and the fix.
+    """
     final = f"{root}/{name}"
     if is_local(fs):
         tmp = f"{root}/{tmp_name(name)}"
         try:
-            pq.write_table(table, tmp, **_write_options(table))
+            # our own file object, closed whatever happens: given a path, a failed write (a full
+            # disk) keeps the file open for as long as its exception lives (on a worker: as long
+            # as the erred task), and the removed temporary's space with it
+            with pa.OSFile(tmp, "wb") as sink:
+                pq.write_table(table, sink, **_write_options(table))
+            if before_commit is not None:
+                before_commit()
             os.replace(tmp, final)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise storage_error(final, root, e) from e
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -272,7 +281,12 @@ def _write_committed(fs: Any, root: str, name: str, table: pa.Table) -> None:
         return
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, **_write_options(table))
-    fs.pipe_file(final, buf.getvalue().to_pybytes())  # one PUT: the object exists only when complete
+    if before_commit is not None:
+        before_commit()
+    try:
+        fs.pipe_file(final, buf.getvalue().to_pybytes())  # one PUT: the object exists only when complete
+    except OSError as e:
+        raise storage_error(show_path(fs, final), show_path(fs, root), e) from e
 
 
 def _write_options(table: pa.Table) -> dict[str, Any]:
@@ -318,11 +332,44 @@ def part_ok(plan: Plan, part: Part, rows: int, info: dict[str, Any] | None) -> b
     )
 
 
+def check_inputs(plan: Plan, part: Part) -> None:
+    """Each file the part reads is still the planned one: size, mtime/ETag, inode/version id.
+
+    Run before the part reads anything and again after its data is written, before the commit:
+    a part is committed only if its files did not change while it read them.
+    """
+    fs = plan.in_fs
+    for path, size, version, ident in part.stamps:
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(path)  # object stores: no listing cached since planning
+        try:
+            got = file_identity(fs.info(path))
+        except FileNotFoundError:
+            what = "it is gone"
+        else:
+            if got == (size, version, ident):
+                continue
+            if got[0] != size:
+                what = f"size {size} -> {got[0]}"
+            elif got[1] != version:
+                what = f"mtime/ETag {version} -> {got[1]}"
+            else:
+                what = f"replaced by another file: inode/version {ident} -> {got[2]}"
+        raise JobError(
+            f"INPUT file {show_path(fs, path)} changed while the job ran ({what}); {part.name} was not "
+            "committed, nor is any part read after the change. Restore the file and rerun with --resume, "
+            "or rerun with --overwrite to score the new content."
+        )
+
+
 def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
     """One task: read, score, write and commit a part, then verify it from its footer.
 
-    Returns the part's numbers for the summary (a few hundred bytes after compression).
+    The part is committed only if the files it read are still the planned ones and the run still
+    holds OUTPUT's lease.  Returns the part's numbers for the summary (a few hundred bytes after
+    compression).
     """
+    check_inputs(plan, part)
     table, emb = _load(plan, part)
     scores = _score(plan, part, emb, opts) if part.rows else np.zeros(0, np.float32)
     nan = np.isnan(scores)
@@ -333,7 +380,13 @@ def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
     }
     out = _output_table(plan, part, table, emb, scores, opts, stats)
     del table, emb
-    _write_committed(plan.out_fs, plan.out_root, part.name, out)
+
+    def before_commit() -> None:
+        check_inputs(plan, part)
+        if plan.run_id:
+            confirm_holder(plan.out_fs, plan.out_root, plan.run_id, part.name)
+
+    _write_committed(plan.out_fs, plan.out_root, part.name, out, before_commit)
     rows, info = read_part_info(plan.out_fs, f"{plan.out_root}/{part.name}")
     if rows != out.num_rows or not part_ok(plan, part, rows, info):
         raise JobError(

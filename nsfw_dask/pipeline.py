@@ -12,12 +12,14 @@ OUTPUT layout (a local folder or any fsspec URL)::
     OUTPUT/part.000000.<source>.parquet  one part per input partition, in input order
     OUTPUT/part.000001.<source>.parquet
     ...
-    OUTPUT/_SUCCESS                      written last, after every part was verified
+    OUTPUT/_SUCCESS                      written last, after every part's footer was checked
+    OUTPUT/_nsfw_dask_lease.json         while a run is live: one live run per OUTPUT (_lease.py)
 
 Names starting with ``_`` or ``.`` are skipped by pyarrow, dask, pandas and Spark readers, so
-temporary files (``.part.*.tmp-*``) and the job file are never read as data.  An OUTPUT is
-finished only when it has ``_SUCCESS``.  A killed run keeps its committed parts; ``resume=True``
-checks the job description, keeps every part whose footer checks out and scores only the rest.
+temporary files (``.part.*.tmp-*``), the job file and the lease are never read as data.  An
+OUTPUT is finished only when it has ``_SUCCESS``.  A killed run keeps its committed parts;
+``resume=True`` checks the job description, keeps every part whose footer checks out and scores
+only the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
+
+from ._atomic import put_small, storage_error
+from ._lease import LEASE_FILE, Lease
 
 # the modules the job is built from (their names used by tests and callers stay importable from here)
 from ._plan import (
@@ -50,7 +55,7 @@ from ._plan import (
     real_path,
 )
 from ._specs import get_spec
-from ._task import IS_NSFW_COLUMN, TMP_NAME, Options, part_ok, read_part_info, run_part, tmp_name
+from ._task import IS_NSFW_COLUMN, TMP_NAME, Options, part_ok, read_part_info, run_part
 from ._version import __version__
 from .exceptions import JobError
 from .io import is_local, show_path
@@ -177,23 +182,19 @@ def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
         return {}
 
 
-def _put_small(fs: Any, root: str, name: str, data: bytes) -> None:
-    if is_local(fs):
-        tmp = f"{root}/{tmp_name(name)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, f"{root}/{name}")
-    else:
-        fs.pipe_file(f"{root}/{name}", data)
-
-
 def _listing(fs: Any, root: str) -> list[str]:
     try:
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return []
+
+
+def _is_ours(name: str) -> bool:
+    """The lease, or a temporary of a part or of the job's own files: not OUTPUT's content."""
+    if name == LEASE_FILE:
+        return True
+    m = TMP_NAME.match(name)
+    return m is not None and (m["name"].startswith("part.") or m["name"] in (JOB_FILE, SUCCESS_FILE, LEASE_FILE))
 
 
 def _check_overlap(plan: Plan, out_fs: Any, out_root: str, output_given: str) -> None:
@@ -246,8 +247,13 @@ def _probe_shared_folder(client: Any, fs: Any, root: str, plan: Plan, given: str
         for f in {plan.files[0]["path"], plan.files[-1]["path"]}:
             checks.append((f, os.path.getsize(f)))
     if is_local(fs):
-        with open(probe, "w") as fh:
-            fh.write(token)
+        try:
+            with open(probe, "w") as fh:
+                fh.write(token)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+            raise storage_error(probe, given, e) from e
     try:
         result = client.run(_probe_on_worker, probe if is_local(fs) else None, token, checks)
     finally:
@@ -454,9 +460,19 @@ def score_dataset(
     Raises
     ------
     JobError
-        Paths, options or an existing OUTPUT prevent the run; the message names the fix.
+        Paths, options or an existing OUTPUT prevent the run (code 2), among them another live
+        run writing ``output``; or the run failed: an input file changed while it ran, a write
+        into ``output`` failed (a full disk), another run took ``output`` over.  The message
+        names the file and the fix.
     EmbeddingFormatError
         A row cannot be scored; the message names the file and the row within it.
+
+    Notes
+    -----
+    One run at a time writes ``output``: the run holds ``output/_nsfw_dask_lease.json``, renewed
+    every sixth of ``$NSFW_DASK_LEASE_SECONDS`` (default 120); a run that died leaves it, and
+    ``resume=True`` or ``overwrite=True`` take it over once its process is gone (same machine) or
+    it has expired (:mod:`nsfw_dask._lease`).
     """
     from .weights import resolve_weights
 
@@ -508,7 +524,9 @@ def score_dataset(
     plan.out_fs, plan.out_root = out_fs, out_root
     job = _job_description(plan, opts, rows_per_partition)
     plan.job_id = job["job_id"]
-    reused, created = _prepare_output(plan, job, output_given, resume=resume, overwrite=overwrite)
+    lease = Lease(out_fs, out_root, plan.job_id, output_given)
+    plan.run_id = lease.run
+    reused, created = _prepare_output(plan, job, output_given, lease, resume=resume, overwrite=overwrite)
     summary = Summary(
         partitions=len(plan.parts),
         partitions_reused=len(reused),
@@ -546,6 +564,7 @@ def score_dataset(
             )
             try:
                 for fut in as_completed(futures):
+                    lease.check()  # lost to another run: stop now
                     if fut.status == "error":
                         raise fut.exception()
                     r = fut.result()
@@ -564,12 +583,16 @@ def score_dataset(
                 del futures
     except BaseException:
         if not committed and not reused:
-            _remove_created(out_fs, out_root, created)
+            _remove_created(out_fs, out_root, created, lease)
+        lease.release()
         raise
     compute_seconds = time.perf_counter() - t_compute
-    if interrupted is not None and interrupted.is_set():
-        raise KeyboardInterrupt("interrupted")
-    _finish(plan, summary)
+    try:
+        if interrupted is not None and interrupted.is_set():
+            raise KeyboardInterrupt("interrupted")
+        _finish(plan, summary, lease, output_given)
+    finally:
+        lease.release()
     summary.compute_seconds = compute_seconds
     summary.seconds = time.perf_counter() - t0
     summary.rows_per_s = rows_scored / compute_seconds if compute_seconds > 0 and rows_scored else 0.0
@@ -646,25 +669,24 @@ def _check_column_clashes(plan: Plan, opts: Options) -> None:
 
 
 def _prepare_output(
-    plan: Plan, job: dict[str, Any], given: str, *, resume: bool, overwrite: bool
+    plan: Plan, job: dict[str, Any], given: str, lease: Lease, *, resume: bool, overwrite: bool
 ) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    """Create, replace or resume OUTPUT; write the job description.
+    """Create, replace or resume OUTPUT under this run's lease; write the job description.
 
-    Returns the reused parts and the folders this call created (deepest first; local only).
+    Another run's live lease refuses the run before anything is read or changed.  The lease is
+    taken before anything in OUTPUT is removed; if preparing fails, what this call created is
+    removed and the lease released.  Returns the reused parts and the folders this call created
+    (deepest first; local only).
     """
     fs, root = plan.out_fs, plan.out_root
     exists = fs.exists(root)
     if exists and not fs.isdir(root):
         raise JobError(f"OUTPUT {given} is a file; OUTPUT is a folder of parquet parts. Choose another path.", 2)
-    names = _listing(fs, root) if exists else []
-    reused: dict[int, dict[str, Any]] = {}
-    if names and overwrite:
-        if SUCCESS_FILE in names:  # first, so that a mix of two runs is never taken for finished
-            fs.rm(f"{root}/{SUCCESS_FILE}")
-        for n in names:
-            if n != SUCCESS_FILE:
-                fs.rm(f"{root}/{n}", recursive=True)
-    elif names and resume:
+    listing = _listing(fs, root) if exists else []
+    if LEASE_FILE in listing:  # another run may be writing OUTPUT: touch nothing
+        lease.refuse_if_live()
+    names = [n for n in listing if not _is_ours(n)]  # a dead run's lease and temporaries are not content
+    if names and resume:
         old = _read_json(fs, f"{root}/{JOB_FILE}")
         if not old:
             raise JobError(
@@ -681,10 +703,7 @@ def _prepare_output(
                 "start again.",
                 2,
             )
-        if SUCCESS_FILE in names:
-            fs.rm(f"{root}/{SUCCESS_FILE}")
-        reused = _reusable_parts(plan, names)
-    elif names:
+    elif names and not overwrite:
         old = _read_json(fs, f"{root}/{JOB_FILE}")
         if old is None:
             raise JobError(
@@ -698,13 +717,36 @@ def _prepare_output(
             "missing parts are scored), --overwrite to replace it, or choose another OUTPUT.",
             2,
         )
-    created = _makedirs(fs, root) if not exists else []
-    _sweep_temporaries(fs, root)
-    _put_small(fs, root, JOB_FILE, json.dumps(job, indent=1).encode())
+    created = _makedirs(fs, root, given) if not exists else []
+    try:
+        lease.acquire()
+    except BaseException:
+        lease.release()  # only if it names this run
+        _remove_created(fs, root, created, None)
+        raise
+    reused: dict[int, dict[str, Any]] = {}
+    try:
+        if names and overwrite:
+            if SUCCESS_FILE in names:  # first, so that a mix of two runs is never taken for finished
+                fs.rm(f"{root}/{SUCCESS_FILE}")
+            for n in names:
+                if n != SUCCESS_FILE:
+                    fs.rm(f"{root}/{n}", recursive=True)
+        elif names and resume:
+            if SUCCESS_FILE in names:
+                fs.rm(f"{root}/{SUCCESS_FILE}")
+            reused = _reusable_parts(plan, names)
+        _sweep_temporaries(fs, root)
+        put_small(fs, root, JOB_FILE, json.dumps({**job, "run": lease.run}, indent=1).encode(), shown=given)
+    except BaseException:
+        if not reused:
+            _remove_created(fs, root, created, lease)
+        lease.release()
+        raise
     return reused, created
 
 
-def _makedirs(fs: Any, root: str) -> list[str]:
+def _makedirs(fs: Any, root: str, given: str) -> list[str]:
     """``fs.makedirs(root)``; returns the local folders it created, deepest first."""
     created = []
     if is_local(fs):
@@ -712,19 +754,33 @@ def _makedirs(fs: Any, root: str) -> list[str]:
         while p and not os.path.exists(p):
             created.append(p)
             p = os.path.dirname(p)
-    fs.makedirs(root, exist_ok=True)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except OSError as e:
+        for d in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise storage_error(show_path(fs, root), given, e) from e
     return created
 
 
-def _remove_created(fs: Any, root: str, created: list[str]) -> None:
-    """After a run that committed nothing: remove its job file and the folders it made, if empty."""
-    if not created:
-        return
-    _sweep_temporaries(fs, root)
-    if set(_listing(fs, root)) - {JOB_FILE}:  # a part was committed after all: keep it resumable
-        return
-    with contextlib.suppress(OSError):
-        fs.rm(f"{root}/{JOB_FILE}")
+def _remove_created(fs: Any, root: str, created: list[str], lease: Lease | None) -> None:
+    """After a run that committed no part: remove what it created, even when the disk is full.
+
+    Its temporaries, its job file and its lease (only while it holds OUTPUT: never another run's),
+    then the folders it made, if empty.  If a part is there after all (committed by a task whose
+    result never arrived), the job file stays, so that OUTPUT can be resumed.
+    """
+    if lease is not None:
+        if not lease.held or lease.lost.is_set():
+            return
+        with contextlib.suppress(Exception):
+            _sweep_temporaries(fs, root)
+            if not set(_listing(fs, root)) - {JOB_FILE, LEASE_FILE}:
+                old = _read_json(fs, f"{root}/{JOB_FILE}")
+                if old and old.get("run") == lease.run:
+                    fs.rm(f"{root}/{JOB_FILE}")
+        lease.release()
     for d in created:
         try:
             os.rmdir(d)
@@ -733,7 +789,7 @@ def _remove_created(fs: Any, root: str, created: list[str]) -> None:
 
 
 def _sweep_temporaries(fs: Any, root: str) -> None:
-    """Remove ``.part*.tmp-*`` files left by killed runs (a second run into one OUTPUT is not supported)."""
+    """Remove ``.part*.tmp-*`` files left by killed runs (only the lease holder calls this)."""
     for n in _listing(fs, root):
         if TMP_NAME.match(n):
             with contextlib.suppress(FileNotFoundError):
@@ -776,8 +832,9 @@ def _reusable_parts(plan: Plan, names: list[str]) -> dict[int, dict[str, Any]]:
     return reused
 
 
-def _finish(plan: Plan, summary: Summary) -> None:
-    """Check that every part is there with its rows, then write ``_SUCCESS`` (last)."""
+def _finish(plan: Plan, summary: Summary, lease: Lease, given: str) -> None:
+    """Check that every part is there with its rows and that its footer names this job, that the
+    job file is this run's and that this run still holds OUTPUT; then write ``_SUCCESS`` (last)."""
     fs, root = plan.out_fs, plan.out_root
     names = set(_listing(fs, root))
     missing = [p.name for p in plan.parts if p.name not in names]
@@ -790,15 +847,42 @@ def _finish(plan: Plan, summary: Summary) -> None:
             f"the parts hold {summary.rows} input rows, the input has "
             f"{sum(p.rows for p in plan.parts)}; rerun with --resume."
         )
+
+    def foreign(part: Part) -> str | None:
+        try:
+            rows, info = read_part_info(fs, f"{root}/{part.name}")
+        except Exception as e:
+            return f"its footer cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        if part_ok(plan, part, rows, info):
+            return None
+        job = (info or {}).get("job")
+        return f"its footer names job {job}" if job != plan.job_id else f"its footer does not match its {rows} rows"
+
+    bad = [(p, why) for p, why in zip(plan.parts, map_threads(foreign, plan.parts)) if why]
+    if bad:
+        p, why = bad[0]
+        raise JobError(
+            f"{len(bad)} part(s) in OUTPUT {given} are not this job's ({plan.job_id}), e.g. {p.name}: {why}; "
+            "another run wrote into OUTPUT, so it is not marked finished. Rerun with --resume (parts that "
+            "are not this job's are scored again)."
+        )
+    job = _read_json(fs, f"{root}/{JOB_FILE}")
+    if not job or job.get("job_id") != plan.job_id or job.get("run") != lease.run:
+        raise JobError(
+            f"OUTPUT {given}'s {JOB_FILE} is not this run's (another run wrote into OUTPUT), so it is not "
+            "marked finished. Rerun with --resume."
+        )
+    lease.check(fresh=True)
     record = {
         "job_id": plan.job_id,
+        "run": lease.run,
         "partitions": len(plan.parts),
         "rows": summary.rows,
         "rows_written": summary.rows_written,
         "version": __version__,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _put_small(fs, root, SUCCESS_FILE, json.dumps(record).encode())
+    put_small(fs, root, SUCCESS_FILE, json.dumps(record).encode(), shown=given)
 
 
 def is_finished(output: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> bool:

@@ -666,7 +666,7 @@ CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "--no-progress"]
 N_FILES = 4  # the 2,692 reference rows in 4 files of 673 rows
 ROWS_PER_PART = 200  # row groups of 200 rows, one part each: (200, 200, 200, 73) per file, 16 parts
 SLOW = ["--batch-size", "1"]  # one row per forward pass: a part takes about a second, the run ~15 s
-JOB, SUCCESS = "_nsfw_dask_job.json", "_SUCCESS"
+JOB, SUCCESS, LEASE = "_nsfw_dask_job.json", "_SUCCESS", "_nsfw_dask_lease.json"
 PART_TMP = re.compile(r"^\.part\.\d{6}\.\d+\.parquet\.tmp-.+-\d+-[0-9a-f]+$")  # a part being written
 
 
@@ -786,13 +786,14 @@ def _check_finished(out: Path, data: CliData) -> None:
 
 
 def _check_killed(out: Path, data: CliData) -> tuple[list[str], set[str]]:
-    """What a SIGKILLed run leaves: the job file, committed parts (each complete and right), at
-    most one temporary (one worker thread writes one part at a time), and no ``_SUCCESS``."""
+    """What a SIGKILLed run leaves: the job file, its lease (stale: its process is gone),
+    committed parts (each complete and right), at most one temporary (one worker thread writes
+    one part at a time), and no ``_SUCCESS``."""
     left = names(out)
     committed = _committed(out)
-    assert SUCCESS not in left and JOB in left, sorted(left)
+    assert SUCCESS not in left and JOB in left and LEASE in left, sorted(left)
     assert set(committed) <= set(data.parts), committed
-    temps = left - {JOB, *committed}
+    temps = left - {JOB, LEASE, *committed}
     assert all(PART_TMP.match(n) for n in temps) and len(temps) <= 1, sorted(left)
     for n in committed:
         _check_part(out / n, data)
@@ -862,7 +863,7 @@ def test_cli_sigkill_keeps_committed_parts_and_resume_finishes(tmp_path: Path, l
     r = _run_cli(data, out, *SLOW)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "--resume" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert names(out) == {JOB, *committed, *temps}
+    assert names(out) == {JOB, LEASE, *committed, *temps}
     assert _snapshot_parts(out, committed) == kept
 
     # 3. --resume (at the default batch size: the batch size is not part of the job): the
