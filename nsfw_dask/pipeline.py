@@ -23,16 +23,18 @@ checks the job description, keeps every part whose footer checks out and scores 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 # the modules the job is built from (their names used by tests and callers stay importable from here)
 from ._plan import (
@@ -381,6 +383,78 @@ def _cluster(
         yield c, True
 
 
+#: The CLI flag a job message names -> the keyword of ``score_dataset`` a Python caller passes.
+_KEYWORDS = {
+    "column": "column=",
+    "score-column": "score_column=",
+    "threshold": "threshold=",
+    "filter": "filter=",
+    "keep-embeddings": "keep_embeddings=",
+    "rows-per-partition": "rows_per_partition=",
+    "model": "model=",
+    "model-dir": "model_dir=",
+    "exact": "exact=True",
+    "gpu": "gpu=True",
+    "resume": "resume=True",
+    "overwrite": "overwrite=True",
+    "scheduler": "client=",
+    "workers": "n_workers=",
+    "threads-per-worker": "threads_per_worker=",
+    "storage-options": "storage_options=",
+    "batch-size": "batch_size=",
+}
+
+
+def keyword_hints(message: str) -> str:
+    """A job message for a Python caller: each CLI flag it names as ``score_dataset``'s keyword
+    (``--column`` -> ``column=``, ``--keep-embeddings list`` -> ``keep_embeddings='list'``,
+    ``--resume`` -> ``resume=True``); the CLI's own messages keep the flags."""
+    message = re.sub(
+        r"--(keep-embeddings|model|filter) (binary|list|vit-[\w-]+|none|keep-safe|keep-nsfw)\b",
+        lambda m: f"{m.group(1).replace('-', '_')}={m.group(2)!r}",
+        message,
+    )
+    message = re.sub(
+        r"--(column|score-column) ('[^']*'|\"[^\"]*\")",
+        lambda m: f"{m.group(1).replace('-', '_')}={m.group(2)}",
+        message,
+    )
+    message = re.sub(
+        r"--(workers|threads-per-worker|rows-per-partition|batch-size) (\d+)\b",
+        lambda m: f"{_KEYWORDS[m.group(1)]}{m.group(2)}",
+        message,
+    )
+
+    def flag(m: re.Match[str]) -> str:
+        if m.group(1) not in _KEYWORDS:
+            return m.group(0)
+        if m.group(2):  # "--threshold was None, now 0.3": the option's name
+            return _KEYWORDS[m.group(1)].split("=")[0] + m.group(2)
+        return _KEYWORDS[m.group(1)]
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z-]*[a-z])\b( was )?", flag, message)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _keyword_messages(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` for Python callers: a :class:`JobError` names keywords, not CLI flags (the CLI
+    calls the undecorated function, ``score_dataset.__wrapped__``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except JobError as e:
+            e.args = (keyword_hints(str(e)),)
+            raise
+
+    return wrapper
+
+
+@_keyword_messages
 def score_dataset(
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
