@@ -115,6 +115,8 @@ def _job_description(plan: Plan, opts: Options, rows_per_partition: int) -> dict
         },
         "version": __version__,
     }
+    if plan.partition_columns:  # their values are in the files' paths; their types follow all of them
+        content["partition_columns"] = [list(c) for c in plan.partition_columns]
     job_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "format": _JOB_FORMAT,
@@ -146,6 +148,10 @@ def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         diffs.append(f"nsfw-dask version {old.get('version')} wrote it, this is {new['version']}")
     if old.get("input") != new["input"]:
         diffs.append(f"INPUT was {old.get('input')}, now {new['input']}")
+    if old.get("partition_columns") != new.get("partition_columns"):
+        diffs.append(
+            f"INPUT's hive partition columns were {old.get('partition_columns')}, now {new.get('partition_columns')}"
+        )
     for k, v in new["options"].items():
         was = old.get("options", {}).get(k)
         if was != v:
@@ -705,6 +711,7 @@ def _validate_options(
 def _check_column_clashes(plan: Plan, opts: Options) -> None:
     """The columns we add must not clash with each other or with the input's."""
     existing = list(plan.meta_columns) + ([ROW_NUMBER_COLUMN] if plan.kind == "parquet_npy" else [])
+    existing += [name for name, _ in plan.partition_columns]
     if opts.keep_embeddings:
         existing.append(plan.column)
     if opts.score_column == plan.column:
@@ -715,6 +722,22 @@ def _check_column_clashes(plan: Plan, opts: Options) -> None:
         raise JobError(
             f"INPUT already has a column {IS_NSFW_COLUMN!r}, which --threshold adds; rename or "
             f"drop that column in INPUT, or run without --threshold/--filter.",
+            2,
+        )
+    forms = plan.embedding_forms
+    if opts.keep_embeddings and len({dtype for _, dtype, _ in forms}) > 1:
+        (_, d0, f0), (_, d1, f1) = forms[0], next(f for f in forms if f[1] != forms[0][1])
+        raise JobError(
+            f"--keep-embeddings would write {d0} vectors for {f0} but {d1} for {f1}, parts of "
+            "different schemas; leave --keep-embeddings out, or convert the files to one float type.",
+            2,
+        )
+    if opts.keep_embeddings == "list" and len(forms) > 1:
+        (t0, _, f0), (t1, _, f1) = forms[:2]
+        raise JobError(
+            f"--keep-embeddings list would write {t0} for {f0} but {t1} for {f1}, parts of different "
+            "schemas; pass --keep-embeddings binary (the same bytes for every list form), or convert "
+            "the files to one type.",
             2,
         )
 
