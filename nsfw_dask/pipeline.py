@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -359,6 +360,56 @@ def _gpu_cluster_options(n_workers: int | None, threads_per_worker: int | None) 
         raise JobError(str(e), 2) from None
 
 
+def _start_without_sigint(start: Callable[[], Any]) -> Any:
+    """``start()`` (a cluster of worker processes) run in a thread that blocks SIGINT.
+
+    The cluster's event-loop thread, and through it the worker processes it spawns, inherit that
+    signal mask (a thread inherits its creator's; fork and exec keep it).  A terminal's Ctrl-C is
+    SIGINT to the whole foreground process group: it now reaches only this process, which stops
+    the workers itself (the cluster's ``close``), instead of also interrupting every worker, each
+    of which printed a KeyboardInterrupt traceback.  SIGTERM and SIGKILL still stop a worker, and
+    a worker whose parent dies exits (distributed's parent-alive pipe).  This process's own
+    threads are unaffected: Ctrl-C still interrupts it while the cluster starts.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no process groups)
+        return start()
+    from multiprocessing import resource_tracker
+
+    lock = threading.Lock()
+    state: dict[str, Any] = {}
+
+    def run() -> None:
+        # multiprocessing starts its resource tracker with SIGINT blocked and then *unblocks* it
+        # in the calling thread: start it first, so that the cluster's loop thread keeps the mask
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            cluster = start()
+        except BaseException as e:
+            state["error"] = e
+            return
+        with lock:
+            if state.get("abandoned"):  # interrupted while starting: nobody else will close it
+                cluster.close()
+            else:
+                state["cluster"] = cluster
+
+    thread = threading.Thread(target=run, name="nsfw-dask-cluster-start", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        with lock:
+            state["abandoned"] = True
+            cluster = state.pop("cluster", None)
+        if cluster is not None:
+            cluster.close()
+        raise
+    if "error" in state:
+        raise state["error"]
+    return state["cluster"]
+
+
 @contextlib.contextmanager
 def _cluster(
     client: Any, n_workers: int | None, threads_per_worker: int | None, gpu: bool, quiet: bool
@@ -372,18 +423,21 @@ def _cluster(
     if gpu:
         from .gpu import local_cuda_cluster
 
-        cluster = local_cuda_cluster(**_gpu_cluster_options(n_workers, threads_per_worker))
+        options = _gpu_cluster_options(n_workers, threads_per_worker)
+        cluster = _start_without_sigint(lambda: local_cuda_cluster(**options))
     else:
         from distributed import LocalCluster
 
         workers, threads = default_cluster_shape(n_workers, threads_per_worker)
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            dashboard_address=":0",  # a free port: no clash, no warning
-            silence_logs=logging.CRITICAL if quiet else logging.WARNING,
-            env=default_worker_env(),  # set in each worker process before it allocates
+        cluster = _start_without_sigint(
+            lambda: LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                dashboard_address=":0",  # a free port: no clash, no warning
+                silence_logs=logging.CRITICAL if quiet else logging.WARNING,
+                env=default_worker_env(),  # set in each worker process before it allocates
+            )
         )
     with cluster, Client(cluster) as c:
         yield c, True
