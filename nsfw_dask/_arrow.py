@@ -164,6 +164,9 @@ def _object_to_arrow(s: pd.Series, column: Any) -> pa.Array:
         raise EmbeddingFormatError(
             f"Column {column!r} holds {arr.type} values{where}; expected one array of floats per row. {_CAST_FIX}"
         )
+    if pa.types.is_integer(arr.type.value_type):  # Python lists of numbers that happen to be all ints
+        # (numpy integer arrays were refused above): floats, as pyarrow makes a list mixing ints and floats
+        arr = arr.cast(pa.list_(pa.float64()))
     return arr
 
 

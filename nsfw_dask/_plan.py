@@ -8,9 +8,10 @@ import contextlib
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ._specs import get_spec
 from .exceptions import EmbeddingFormatError, JobError
-from .io import is_local, show_path
+from .io import _basename, is_local, show_path
 
 __all__ = [
     "DEFAULT_ROWS_PER_PARTITION",
@@ -115,6 +116,7 @@ class Part:
     name: str  # output part file name
     # (fs path, size, mtime/ETag, inode/version id) of each file it reads, as planned
     stamps: tuple[tuple[Any, ...], ...] = ()
+    partition_values: tuple[Any, ...] = ()  # the file's hive partition values (Plan.partition_columns)
 
     @property
     def rows(self) -> int:
@@ -138,6 +140,11 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     job_id: str = ""
     run_id: str = ""  # this run's lease (a part is committed only while OUTPUT's lease names it)
+    # hive partition columns (``key=value`` folders below INPUT): [(name, "int32" | "string")]
+    partition_columns: list[tuple[str, str]] = field(default_factory=list)
+    # the embedding column's forms among the files: [(its Arrow type as --keep-embeddings list
+    # writes it, its float dtype, the first file with it)]
+    embedding_forms: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _footer(fs: Any, path: str) -> pq.FileMetaData:
@@ -174,11 +181,66 @@ def _list_parquet(fs: Any, root: str, given: str) -> list[str]:
 
 
 def _source_stem(path: str) -> str:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
+    """A part name's source: ``path`` (a file's path relative to INPUT) without its parquet
+    suffix, folders joined by ``.`` (``lang=en/part-0.parquet`` -> ``lang=en.part-0``)."""
+    name = path.strip("/")
     for suffix in _PARQUET_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", name).strip(".-") or "part"
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", name.replace("/", ".")).strip(".-") or "part"
+    if len(name) > _MAX_STEM:  # a file name has at most 255 bytes; the part index keeps names unique
+        name = name[: _MAX_STEM // 2] + "~" + name[-(_MAX_STEM // 2) :]
+    return name
+
+
+_MAX_STEM = 180
+
+
+#: pyarrow's (and Hive's) name for a null partition value.
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def _hive_segments(rel: str) -> dict[str, str | None]:
+    """The ``key=value`` folders of a file's path relative to INPUT, parsed as
+    ``pyarrow.dataset.partitioning(flavor="hive")`` parses them: URI-decoded, folders without
+    ``=`` skipped, ``__HIVE_DEFAULT_PARTITION__`` null."""
+    out: dict[str, str | None] = {}
+    for seg in rel.split("/")[:-1]:
+        key, eq, value = seg.partition("=")
+        if eq and key:
+            value = urllib.parse.unquote(value)
+            out[urllib.parse.unquote(key)] = None if value == HIVE_NULL else value
+    return out
+
+
+def _is_int32(value: str) -> bool:
+    return re.fullmatch(r"-?[0-9]+", value) is not None and -(2**31) <= int(value) < 2**31
+
+
+def _hive_partitions(rels: list[str]) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+    """The hive partition columns of files at ``rels`` (paths relative to INPUT) and each file's
+    values, typed as pyarrow infers them: int32 if every value is one, else string; in order of
+    first appearance; a file without a key gets null there."""
+    per_file = [_hive_segments(r) for r in rels]
+    names: list[str] = []
+    for d in per_file:
+        names.extend(k for k in d if k not in names)
+    columns = []
+    for name in names:
+        values = [v for d in per_file if (v := d.get(name)) is not None]
+        columns.append((name, "int32" if values and all(_is_int32(v) for v in values) else "string"))
+    rows = [tuple(_typed(d.get(n), t) for n, t in columns) for d in per_file]
+    return columns, rows
+
+
+def _typed(value: str | None, type_name: str) -> Any:
+    return int(value) if value is not None and type_name == "int32" else value
+
+
+def _glob_base(root: str) -> str:
+    """The folder of a glob above its first wildcard (``data/*/x.parquet`` -> ``data``)."""
+    first = min(i for i, c in enumerate(root) if c in "*?[")
+    return root[:first].rsplit("/", 1)[0] if "/" in root[:first] else ""
 
 
 def _split(n_rows: int, group_rows: list[int], rows_per_partition: int) -> list[tuple[int, int]]:
@@ -205,8 +267,30 @@ def _split(n_rows: int, group_rows: list[int], rows_per_partition: int) -> list[
     return ranges
 
 
-def _check_embedding_type(t: pa.DataType, column: str, spec: Any, where: str) -> None:
+def _kept_form(f: pa.Field) -> tuple[pa.DataType, str]:
+    """The embedding column as ``--keep-embeddings list`` writes it, and its float dtype."""
+    from .io import binary_embedding_dtype
+
+    dtype = binary_embedding_dtype(f)
+    if dtype is not None:  # our own binary form: read as fixed_size_list over its buffer
+        return pa.list_(pa.from_numpy_dtype(dtype), f.type.byte_width // dtype.itemsize), dtype.name
+    return f.type, np.dtype(f.type.value_type.to_pandas_dtype()).name
+
+
+def _check_embedding_type(f: pa.Field, column: str, spec: Any, where: str) -> None:
     """The embedding column's Arrow type, checked before any worker starts."""
+    t = f.type
+    if pa.types.is_fixed_size_binary(t):
+        from .io import binary_embedding_dtype
+
+        if binary_embedding_dtype(f) is None:
+            raise JobError(
+                f"Column {column!r} in {where} is {t} with no record of its float dtype (the "
+                "nsfw_dask.embedding field metadata that --keep-embeddings writes); store the "
+                "vectors as a list of floats (as --keep-embeddings list writes them), or pass "
+                "--column naming the embedding column."
+            )
+        t = _kept_form(f)[0]
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
         raise JobError(
             f"Column {column!r} in {where} is {t}, not a list of floats (CLIP embeddings); "
@@ -236,11 +320,16 @@ def _choose_column(schema: pa.Schema, column: str | None, where: str) -> str:
                 "Pass --column naming the CLIP embedding column."
             )
         return column
+    from .io import binary_embedding_dtype
+
     floats = [
         f.name
         for f in schema
-        if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))
-        and pa.types.is_floating(f.type.value_type)
+        if (
+            (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))
+            and pa.types.is_floating(f.type.value_type)
+        )
+        or binary_embedding_dtype(f) is not None
     ]
     if len(floats) == 1:
         return floats[0]
@@ -284,14 +373,17 @@ def plan_input(
     given = os.fspath(input)
     path = normalize_path(given)
     fs, root = filesystem(path, storage_options)
+    base: str | None = None  # parquet: the folder the files' paths are relative to (None: one file)
     if has_glob(path):
         files = sorted(f for f in fs.glob(root) if fs.isfile(f))
         if not files:
             raise JobError(f"INPUT {given} matches no files; check the pattern.")
         kind = "parquet"
+        base = _glob_base(root)
     elif fs.isdir(root):
         kind = "parquet_npy" if fs.isdir(f"{root}/img_emb") and fs.isdir(f"{root}/metadata") else "parquet"
         files = []
+        base = root
     elif fs.isfile(root):
         if root.endswith(".npy"):
             raise JobError(
@@ -324,7 +416,7 @@ def plan_input(
         if emb in names0:
             raise JobError(
                 f"{show_path(fs, pairs[0][1])} already has a column {emb!r}; pass --column with "
-                "another name for the embeddings of img_emb/ (e.g. --column clip_embedding).",
+                "another name for the embeddings of img_emb/ (e.g. --column 'clip_embedding').",
                 2,
             )
         if ROW_NUMBER_COLUMN in names0:
@@ -334,7 +426,7 @@ def plan_input(
                 2,
             )
         offset = 0
-        width0 = None
+        forms: list[tuple[str, str, str]] = []
         for (npy, meta), (shape, dtype, _fortran, data_offset), md in zip(pairs, headers, footers):
             where = show_path(fs, npy)
             if len(shape) != 2 or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
@@ -346,12 +438,9 @@ def plan_input(
                     f"{where} holds {shape[1]}-d embeddings; the {spec.name} head expects "
                     f"{spec.dim}.{dim_hint(shape[1], spec)}"
                 )
-            if width0 is not None and (dtype, shape[1]) != width0:
-                raise JobError(
-                    f"{where} holds {dtype} rows but {show_path(fs, pairs[0][0])} holds "
-                    f"{width0[0]}; all .npy files must agree."
-                )
-            width0 = (dtype, shape[1])
+            kept = str(pa.list_(pa.from_numpy_dtype(dtype.newbyteorder("=")), shape[1]))
+            if kept not in (k for k, _, _ in forms):  # each file is read as it is (float16 or 32)
+                forms.append((kept, dtype.name, where))
             size = fs.size(npy)
             if size is not None and size < data_offset + int(np.prod(shape)) * dtype.itemsize:
                 raise JobError(
@@ -376,6 +465,9 @@ def plan_input(
         meta_columns = names0
         pandas_md = None
         column_name = emb
+        hive: list[tuple[str, str]] = []
+        part_names = {meta: _source_stem(_basename(meta)) for _, meta in pairs}
+        by_file: dict[str, tuple[Any, ...]] = {}
     else:
         if not files:
             files = _list_parquet(fs, root, given)
@@ -390,15 +482,23 @@ def plan_input(
         footers = map_threads(lambda f: _footer(fs, f), files)
         schema0 = footers[0].schema.to_arrow_schema()
         where0 = show_path(fs, files[0])
-        for f, md in zip(files[1:], footers[1:]):
+        column_name = _choose_column(schema0, column, where0)
+        rest0 = schema0.remove(schema0.get_field_index(column_name)).remove_metadata()
+        forms = []
+        for f, md in zip(files, footers):
             s = md.schema.to_arrow_schema()
-            if not s.remove_metadata().equals(schema0.remove_metadata()):
+            i = s.get_field_index(column_name)
+            # the embedding column may take any float-list form per file (each is read as it is)
+            if i < 0 or not s.remove(i).remove_metadata().equals(rest0):
                 raise JobError(
                     f"{show_path(fs, f)} has schema {_schema_line(s)} but {where0} has "
-                    f"{_schema_line(schema0)}; all INPUT files must have the same columns and types."
+                    f"{_schema_line(schema0)}; all INPUT files must have the same columns and types "
+                    f"(the embedding column {column_name!r} may differ only in its list form)."
                 )
-        column_name = _choose_column(schema0, column, where0)
-        _check_embedding_type(schema0.field(column_name).type, column_name, spec, where0)
+            _check_embedding_type(s.field(i), column_name, spec, show_path(fs, f))
+            kept, float_dtype = _kept_form(s.field(i))
+            if str(kept) not in (k for k, _, _ in forms):
+                forms.append((str(kept), float_dtype, show_path(fs, f)))
         for f, md in zip(files, footers):
             groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
             for a, b in _split(md.num_rows, groups, rows_per_partition):
@@ -406,21 +506,30 @@ def plan_input(
         file_list = files
         meta_columns = [n for n in schema0.names if n != column_name]
         pandas_md = schema0.pandas_metadata
+        # paths relative to INPUT: they name the parts and hold the hive partitions
+        rels = [f[len(base) :].lstrip("/") if base is not None else _basename(f) for f in files]
+        hive, values = _hive_partitions(rels) if base is not None else ([], [() for _ in files])
+        clash = [n for n, _ in hive if n in schema0.names]
+        if clash:
+            raise JobError(
+                f"INPUT {given} has hive partition folders {clash[0]}=... but its files already "
+                f"have a column {clash[0]!r}; rename those folders or that column.",
+                2,
+            )
+        part_names = {f: _source_stem(r) for f, r in zip(files, rels)}
+        by_file = dict(zip(files, values))
+        parts = [replace(p, partition_values=by_file[p.source]) for p in parts]
     if not parts:  # only empty files: one empty part, so that OUTPUT still has a readable schema
         src = file_list[-1] if kind == "parquet" else pairs[0][1]
-        parts = [Part(0, src, None if kind == "parquet" else pairs[0][0], 0, 0, 0, "")]
+        npy0 = None if kind == "parquet" else pairs[0][0]
+        parts = [Part(0, src, npy0, 0, 0, 0, "", partition_values=by_file.get(src, ()))]
     width = max(6, len(str(len(parts) - 1)))
     ident = {f: file_identity(i) for f, i in zip(file_list, infos)}
     parts = [
-        Part(
-            p.index,
-            p.source,
-            p.npy,
-            p.start,
-            p.stop,
-            p.offset,
-            f"part.{p.index:0{width}d}.{_source_stem(p.source)}.parquet",
-            tuple((f, *ident[f]) for f in (p.npy, p.source) if f is not None),
+        replace(
+            p,
+            name=f"part.{p.index:0{width}d}.{part_names[p.source]}.parquet",
+            stamps=tuple((f, *ident[f]) for f in (p.npy, p.source) if f is not None),
         )
         for p in parts
     ]
@@ -434,6 +543,8 @@ def plan_input(
         column=column_name,
         meta_columns=meta_columns,
         pandas_metadata=pandas_md,
+        partition_columns=hive,
+        embedding_forms=forms,
     )
 
 

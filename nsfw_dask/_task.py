@@ -81,6 +81,10 @@ def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]
         return table, lists
     table = io.read_parquet_rows(fs, part.source, part.start, part.stop)
     col = table.column(plan.column)  # one chunk per row group: scored chunk by chunk, never combined
+    dtype = io.binary_embedding_dtype(table.schema.field(plan.column))
+    if dtype is not None:  # our own --keep-embeddings bytes: fixed_size_list views of the same buffers
+        lists = [io.binary_as_lists(c, dtype) for c in col.chunks]
+        col = pa.chunked_array(lists, type=pa.list_(pa.from_numpy_dtype(dtype), col.type.byte_width // dtype.itemsize))
     return table.drop_columns([plan.column]), col
 
 
@@ -166,6 +170,9 @@ def _output_table(
         )
         b = _embedding_as_binary(emb)
         out = out.append_column(f.with_type(b.type), b)
+    for (name, type_name), value in zip(plan.partition_columns, part.partition_values):
+        # hive partition columns, after the file's own (where pyarrow.dataset puts them)
+        out = out.append_column(name, pa.repeat(pa.scalar(value, type=pa.type_for_alias(type_name)), out.num_rows))
     nan = np.isnan(scores)
     s_arr = pa.array(scores, type=pa.float32())
     out = out.append_column(opts.score_column, s_arr)

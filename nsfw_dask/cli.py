@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import logging
 import re
@@ -36,6 +37,9 @@ from .exceptions import NsfwDaskError
 # modules import torch, and ``--help`` must not.
 MODEL_NAMES = ("vit-b-32", "vit-l-14")  # sorted(nsfw_dask.models.MODEL_SPECS)
 DEFAULT_ROWS_PER_PARTITION = 262_144  # nsfw_dask.pipeline.DEFAULT_ROWS_PER_PARTITION
+#: Seconds ``--scheduler`` waits for the scheduler to answer (distributed's own default, its
+#: ``distributed.comm.timeouts.connect``, is 30 s: too long to learn of a typo).
+DEFAULT_SCHEDULER_TIMEOUT = 10.0
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -113,6 +117,19 @@ class _PositiveInt(click.ParamType):
         return v
 
 
+class _PositiveFloat(click.ParamType):
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            self.fail(f"expected a positive number, got {value!r}", param, ctx)
+        if not v > 0:
+            self.fail(f"expected a positive number, got {v}", param, ctx)
+        return v
+
+
 class _Probability(click.ParamType):
     name = "number"
 
@@ -151,6 +168,7 @@ class _JSONObject(click.ParamType):
 
 
 POSITIVE_INT = _PositiveInt()
+POSITIVE_FLOAT = _PositiveFloat()
 PROBABILITY = _Probability()
 COLUMN_NAME = _ColumnName()
 JSON_OBJECT = _JSONObject()
@@ -195,6 +213,13 @@ _cluster_options = _options(
         default=None,
         metavar="ADDRESS",
         help="use an existing Dask scheduler (tcp://host:8786) instead of an embedded cluster",
+    ),
+    click.option(
+        "--scheduler-timeout",
+        type=POSITIVE_FLOAT,
+        default=DEFAULT_SCHEDULER_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for --scheduler to answer (default {DEFAULT_SCHEDULER_TIMEOUT:g})",
     ),
     click.option(
         "--gpu",
@@ -397,6 +422,7 @@ def _cli_hints(message: str) -> str:
     """Library messages name keywords (``column=``, ``model='vit-b-32'``); the CLI's fix is a flag."""
     message = re.sub(r"score_nsfw\(df, column=('[^']*'|\"[^\"]*\")\)", r"--column \1", message)
     message = re.sub(r"\bmodel=['\"]([\w-]+)['\"]", r"--model \1", message)
+    message = re.sub(r"\bmodel_dir=(['\"])(.*?)\1", r"--model-dir \2", message)
     message = re.sub(r"\bpass model_dir=", "pass --model-dir", message)
     message = message.replace("model_dir=", "--model-dir")
     return message.replace("pass column=", "pass --column").replace("Pass column=", "Pass --column")
@@ -496,9 +522,24 @@ def _run_score(args: SimpleNamespace, input_path: str, output: str) -> dict[str,
     if args.scheduler:
         from distributed import Client
 
-        client = Client(args.scheduler)
+        timeout = getattr(args, "scheduler_timeout", DEFAULT_SCHEDULER_TIMEOUT)
+        try:
+            client = Client(args.scheduler, timeout=timeout)
+        except ValueError as e:  # an address distributed cannot parse
+            raise CLIError(
+                f"--scheduler {args.scheduler} is not a Dask scheduler address ({e}); pass tcp://HOST:PORT "
+                "or drop --scheduler",
+                2,
+            ) from None
+        except OSError as e:  # nothing answered within the timeout
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CLIError(
+                f"no Dask scheduler at {args.scheduler} ({reason}); start one or drop --scheduler "
+                f"(--scheduler-timeout S waits longer than {timeout:g} s)"
+            ) from None
     try:
-        summary = score_dataset(
+        # undecorated (pipeline._keyword_messages): the job's messages as written, naming CLI flags
+        summary = inspect.unwrap(score_dataset)(
             input_path,
             output,
             column=args.column,

@@ -14,6 +14,7 @@ rows' bytes of the ``.npy`` (and just the parquet row groups covering its rows).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -25,13 +26,25 @@ import pyarrow.parquet as pq
 
 from .exceptions import EmbeddingFormatError
 
-__all__ = ["is_parquet_npy", "read_embeddings", "read_input", "read_parquet_embeddings"]
+__all__ = [
+    "EMBEDDING_METADATA_KEY",
+    "binary_as_lists",
+    "binary_embedding_dtype",
+    "is_parquet_npy",
+    "read_embeddings",
+    "read_input",
+    "read_parquet_embeddings",
+]
 
 _NPY = re.compile(r"img_emb_(\d+)\.npy")
 _META = re.compile(r"metadata_(\d+)\.parquet")
 # pandas stores an *unnamed* non-range index as ``__index_level_N__``; we replace the index, so
 # these anonymous columns are dropped (named index levels are ordinary columns and are kept).
 PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
+#: The field metadata with which ``nsfw-dask score --keep-embeddings`` (binary) records the
+#: float dtype of a ``fixed_size_binary`` embedding column (JSON: ``{"dtype": "float16", ...}``).
+EMBEDDING_METADATA_KEY = b"nsfw_dask.embedding"
 
 
 def _url_to_fs(path: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -131,6 +144,38 @@ def npy_header(fs: Any, path: str) -> tuple[tuple[int, ...], np.dtype[Any], bool
     """:func:`_read_header` of ``path``, reading only the header."""
     with fs.open(path, "rb") as f:
         return _read_header(f, show_path(fs, path))
+
+
+def binary_embedding_dtype(field: pa.Field) -> np.dtype[Any] | None:
+    """The float dtype of a ``fixed_size_binary`` column of embeddings as ``--keep-embeddings``
+    writes them (each row a vector's little-endian bytes, the dtype in the field metadata
+    :data:`EMBEDDING_METADATA_KEY`); None for any other column, or one without that record."""
+    md = field.metadata or {}
+    if not pa.types.is_fixed_size_binary(field.type) or EMBEDDING_METADATA_KEY not in md:
+        return None
+    try:
+        record = json.loads(md[EMBEDDING_METADATA_KEY])
+        dtype = np.dtype(record["dtype"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if record.get("byteorder", "little") != "little" or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        return None
+    if field.type.byte_width == 0 or field.type.byte_width % dtype.itemsize:
+        return None
+    return dtype.newbyteorder("<")
+
+
+def binary_as_lists(chunk: pa.Array, dtype: np.dtype[Any]) -> pa.Array:
+    """A ``fixed_size_binary`` chunk of :func:`binary_embedding_dtype` ``dtype`` as a
+    ``fixed_size_list`` of that float type over the same buffers (no copy; nulls stay null)."""
+    value_type = pa.from_numpy_dtype(dtype)
+    dim = chunk.type.byte_width // dtype.itemsize
+    list_type = pa.list_(value_type, dim)
+    if len(chunk) == 0:
+        return pa.array([], type=list_type)
+    validity, data = chunk.buffers()
+    values = pa.Array.from_buffers(value_type, (chunk.offset + len(chunk)) * dim, [None, data])
+    return pa.Array.from_buffers(list_type, len(chunk), [validity], offset=chunk.offset, children=[values])
 
 
 def _to_pandas(table: pa.Table, start: int = 0) -> pd.DataFrame:
@@ -332,7 +377,9 @@ def read_embeddings(
             if (dtype, shape[1]) != (dtype0, width0):
                 raise EmbeddingFormatError(
                     f"{show_path(fs, npy)} holds {dtype} rows of width {shape[1]} but {show_path(fs, npy0)} "
-                    f"holds {dtype0} rows of width {width0}; all .npy files must agree."
+                    f"holds {dtype0} rows of width {width0}; all .npy files must agree (one Dask "
+                    f"frame, one dtype): convert one, e.g. numpy.save(path, numpy.load(path).astype('{dtype0}')), "
+                    "or score the folder with nsfw-dask score, which reads each file as it is."
                 )
             if names != names0:
                 raise EmbeddingFormatError(

@@ -31,6 +31,13 @@ _loads: list[dict[str, Any]] = []
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Normalise ``device``: None -> cpu, ``"cuda"`` -> ``cuda:<current device>``."""
     dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():  # else torch's bare AssertionError
+        why = (
+            f"this torch ({torch.__version__}) was built without CUDA"
+            if not torch.backends.cuda.is_built()
+            else "no CUDA device is visible (torch.cuda.is_available() is False)"
+        )
+        raise RuntimeError(f"device={str(device)!r}: {why}; pass device='cpu', or run where torch sees a GPU.")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev

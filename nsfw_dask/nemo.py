@@ -153,8 +153,13 @@ class NSFWScorer:
                 f"Expected embeddings of shape (batch, {self.spec.dim}) for model {self.spec.name!r} "
                 f"but got {tuple(embeddings.shape)}."
             )
-        if not embeddings.is_floating_point():
-            embeddings = embeddings.float()
+        if not embeddings.is_floating_point():  # as score_nsfw: an integer vector is no CLIP embedding
+            got = str(embeddings.dtype).replace("torch.", "")
+            raise EmbeddingFormatError(
+                f"Expected float embeddings (CLIP's float16/float32) but got {got}; "
+                "cast them (embeddings.astype(np.float32), or .float() for a tensor), after dequantizing "
+                "quantized ones."
+            )
         dev = resolve_device(self.device)
         bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
         return score_tensor(self.nsfw_model, embeddings, batch_size=bs, device=dev)

@@ -25,16 +25,19 @@ only the rest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from ._atomic import put_small, storage_error
 from ._lease import LEASE_FILE, Lease
@@ -118,6 +121,8 @@ def _job_description(plan: Plan, opts: Options, rows_per_partition: int) -> dict
         },
         "version": __version__,
     }
+    if plan.partition_columns:  # their values are in the files' paths; their types follow all of them
+        content["partition_columns"] = [list(c) for c in plan.partition_columns]
     job_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "format": _JOB_FORMAT,
@@ -149,6 +154,10 @@ def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         diffs.append(f"nsfw-dask version {old.get('version')} wrote it, this is {new['version']}")
     if old.get("input") != new["input"]:
         diffs.append(f"INPUT was {old.get('input')}, now {new['input']}")
+    if old.get("partition_columns") != new.get("partition_columns"):
+        diffs.append(
+            f"INPUT's hive partition columns were {old.get('partition_columns')}, now {new.get('partition_columns')}"
+        )
     for k, v in new["options"].items():
         was = old.get("options", {}).get(k)
         if was != v:
@@ -357,6 +366,56 @@ def _gpu_cluster_options(n_workers: int | None, threads_per_worker: int | None) 
         raise JobError(str(e), 2) from None
 
 
+def _start_without_sigint(start: Callable[[], Any]) -> Any:
+    """``start()`` (a cluster of worker processes) run in a thread that blocks SIGINT.
+
+    The cluster's event-loop thread, and through it the worker processes it spawns, inherit that
+    signal mask (a thread inherits its creator's; fork and exec keep it).  A terminal's Ctrl-C is
+    SIGINT to the whole foreground process group: it now reaches only this process, which stops
+    the workers itself (the cluster's ``close``), instead of also interrupting every worker, each
+    of which printed a KeyboardInterrupt traceback.  SIGTERM and SIGKILL still stop a worker, and
+    a worker whose parent dies exits (distributed's parent-alive pipe).  This process's own
+    threads are unaffected: Ctrl-C still interrupts it while the cluster starts.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no process groups)
+        return start()
+    from multiprocessing import resource_tracker
+
+    lock = threading.Lock()
+    state: dict[str, Any] = {}
+
+    def run() -> None:
+        # multiprocessing starts its resource tracker with SIGINT blocked and then *unblocks* it
+        # in the calling thread: start it first, so that the cluster's loop thread keeps the mask
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            cluster = start()
+        except BaseException as e:
+            state["error"] = e
+            return
+        with lock:
+            if state.get("abandoned"):  # interrupted while starting: nobody else will close it
+                cluster.close()
+            else:
+                state["cluster"] = cluster
+
+    thread = threading.Thread(target=run, name="nsfw-dask-cluster-start", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        with lock:
+            state["abandoned"] = True
+            cluster = state.pop("cluster", None)
+        if cluster is not None:
+            cluster.close()
+        raise
+    if "error" in state:
+        raise state["error"]
+    return state["cluster"]
+
+
 @contextlib.contextmanager
 def _cluster(
     client: Any, n_workers: int | None, threads_per_worker: int | None, gpu: bool, quiet: bool
@@ -370,23 +429,98 @@ def _cluster(
     if gpu:
         from .gpu import local_cuda_cluster
 
-        cluster = local_cuda_cluster(**_gpu_cluster_options(n_workers, threads_per_worker))
+        options = _gpu_cluster_options(n_workers, threads_per_worker)
+        cluster = _start_without_sigint(lambda: local_cuda_cluster(**options))
     else:
         from distributed import LocalCluster
 
         workers, threads = default_cluster_shape(n_workers, threads_per_worker)
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            dashboard_address=":0",  # a free port: no clash, no warning
-            silence_logs=logging.CRITICAL if quiet else logging.WARNING,
-            env=default_worker_env(),  # set in each worker process before it allocates
+        cluster = _start_without_sigint(
+            lambda: LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                dashboard_address=":0",  # a free port: no clash, no warning
+                silence_logs=logging.CRITICAL if quiet else logging.WARNING,
+                env=default_worker_env(),  # set in each worker process before it allocates
+            )
         )
     with cluster, Client(cluster) as c:
         yield c, True
 
 
+#: The CLI flag a job message names -> the keyword of ``score_dataset`` a Python caller passes.
+_KEYWORDS = {
+    "column": "column=",
+    "score-column": "score_column=",
+    "threshold": "threshold=",
+    "filter": "filter=",
+    "keep-embeddings": "keep_embeddings=",
+    "rows-per-partition": "rows_per_partition=",
+    "model": "model=",
+    "model-dir": "model_dir=",
+    "exact": "exact=True",
+    "gpu": "gpu=True",
+    "resume": "resume=True",
+    "overwrite": "overwrite=True",
+    "scheduler": "client=",
+    "workers": "n_workers=",
+    "threads-per-worker": "threads_per_worker=",
+    "storage-options": "storage_options=",
+    "batch-size": "batch_size=",
+}
+
+
+def keyword_hints(message: str) -> str:
+    """A job message for a Python caller: each CLI flag it names as ``score_dataset``'s keyword
+    (``--column`` -> ``column=``, ``--keep-embeddings list`` -> ``keep_embeddings='list'``,
+    ``--resume`` -> ``resume=True``); the CLI's own messages keep the flags."""
+    message = re.sub(
+        r"--(keep-embeddings|model|filter) (binary|list|vit-[\w-]+|none|keep-safe|keep-nsfw)\b",
+        lambda m: f"{m.group(1).replace('-', '_')}={m.group(2)!r}",
+        message,
+    )
+    message = re.sub(
+        r"--(column|score-column) ('[^']*'|\"[^\"]*\")",
+        lambda m: f"{m.group(1).replace('-', '_')}={m.group(2)}",
+        message,
+    )
+    message = re.sub(
+        r"--(workers|threads-per-worker|rows-per-partition|batch-size) (\d+)\b",
+        lambda m: f"{_KEYWORDS[m.group(1)]}{m.group(2)}",
+        message,
+    )
+
+    def flag(m: re.Match[str]) -> str:
+        if m.group(1) not in _KEYWORDS:
+            return m.group(0)
+        if m.group(2):  # "--threshold was None, now 0.3": the option's name
+            return _KEYWORDS[m.group(1)].split("=")[0] + m.group(2)
+        return _KEYWORDS[m.group(1)]
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z-]*[a-z])\b( was )?", flag, message)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _keyword_messages(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` for Python callers: a :class:`JobError` names keywords, not CLI flags (the CLI
+    calls the undecorated function, ``score_dataset.__wrapped__``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except JobError as e:
+            e.args = (keyword_hints(str(e)),)
+            raise
+
+    return wrapper
+
+
+@_keyword_messages
 def score_dataset(
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -654,6 +788,7 @@ def _validate_options(
 def _check_column_clashes(plan: Plan, opts: Options) -> None:
     """The columns we add must not clash with each other or with the input's."""
     existing = list(plan.meta_columns) + ([ROW_NUMBER_COLUMN] if plan.kind == "parquet_npy" else [])
+    existing += [name for name, _ in plan.partition_columns]
     if opts.keep_embeddings:
         existing.append(plan.column)
     if opts.score_column == plan.column:
@@ -664,6 +799,22 @@ def _check_column_clashes(plan: Plan, opts: Options) -> None:
         raise JobError(
             f"INPUT already has a column {IS_NSFW_COLUMN!r}, which --threshold adds; rename or "
             f"drop that column in INPUT, or run without --threshold/--filter.",
+            2,
+        )
+    forms = plan.embedding_forms
+    if opts.keep_embeddings and len({dtype for _, dtype, _ in forms}) > 1:
+        (_, d0, f0), (_, d1, f1) = forms[0], next(f for f in forms if f[1] != forms[0][1])
+        raise JobError(
+            f"--keep-embeddings would write {d0} vectors for {f0} but {d1} for {f1}, parts of "
+            "different schemas; leave --keep-embeddings out, or convert the files to one float type.",
+            2,
+        )
+    if opts.keep_embeddings == "list" and len(forms) > 1:
+        (t0, _, f0), (t1, _, f1) = forms[:2]
+        raise JobError(
+            f"--keep-embeddings list would write {t0} for {f0} but {t1} for {f1}, parts of different "
+            "schemas; pass --keep-embeddings binary (the same bytes for every list form), or convert "
+            "the files to one type.",
             2,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ._compat import in_dask_meta_inference
 from ._forward import get_runner
 from .dispatch import Segment, get_backend
+from .exceptions import EmbeddingFormatError
 from .loading import load_model, resolve_device
 from .models import get_spec
 
@@ -118,6 +120,10 @@ def _score_segments(
     return out
 
 
+#: The "or pass column= ..." ending of a backend's fix, dropped when the caller named the column.
+_COLUMN_HINT = re.compile(r",? or pass column=[^.]*\.")
+
+
 def score_nsfw(
     df: Any,
     *,
@@ -202,7 +208,13 @@ def score_nsfw(
     n = len(df)
     if n == 0 or schema_only:
         return backend.attach(df, score_column, None)
-    segments = backend.to_segments(df, col, spec)
+    try:
+        segments = backend.to_segments(df, col, spec)
+    except EmbeddingFormatError as e:
+        if column is None:
+            raise
+        # the caller named the column: the fix is the cast alone, not "or pass column="
+        raise EmbeddingFormatError(_COLUMN_HINT.sub(".", str(e))) from None
     if not any(seg.emb.shape[0] for seg in segments):  # every row null: no model needed
         return backend.attach(df, score_column, None)
     dev = resolve_device(device if device is not None else backend.default_device(df))

@@ -546,11 +546,20 @@ def _resolve(
     user cache.  ``what`` names the file in messages; ``filename``, ``url`` and ``sha256`` say
     how to get it by hand.
     """
+    if model_dir and not Path(model_dir).expanduser().is_dir():
+        # else $NSFW_DASK_MODEL_DIR or the user cache would silently stand in for a mistyped folder
+        raise WeightsNotFoundError(
+            f"model_dir={os.fspath(model_dir)!r} is not a folder; pass model_dir= naming the folder "
+            f"that holds {filename}, or leave out model_dir= to use {ENV_MODEL_DIR} "
+            f"({os.environ.get(ENV_MODEL_DIR) or 'not set'}) or the user cache ({cache_dir()})."
+        )
     searched: list[Path] = []
     for folder in search_folders(model_dir):
         searched.append(folder)
         found = find(folder, False)
         if found is not None:
+            if model_dir and folder != searched[0]:
+                logger.warning("%s: not in model_dir %s; using %s from %s", what, searched[0], filename, folder)
             return found
     cache = cache_dir()
     searched.append(cache)
@@ -564,6 +573,8 @@ def _resolve(
         refused = f" ({e})"
         found = None
     if found is not None:
+        if model_dir:
+            logger.warning("%s: not in model_dir %s; using %s from %s", what, searched[0], filename, cache)
         return found
     where = ", ".join(str(p) for p in searched) + refused
     how = (

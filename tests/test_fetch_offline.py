@@ -323,6 +323,7 @@ def test_resolve_weights_unreachable_says_where_it_looked_and_the_fix(
     monkeypatch.setenv("NSFW_DASK_OFFLINE", "0")
     spec = dataclasses.replace(L14, url=DEAD_URL)
     monkeypatch.setitem(nsfw_dask.models.MODEL_SPECS, "vit-l-14", spec)
+    (tmp_path / "nowhere").mkdir()  # an empty folder (a missing one is refused as such)
     with pytest.raises(WeightsNotFoundError) as ei:
         resolve_weights("vit-l-14", tmp_path / "nowhere", timeout=5)
     msg = str(ei.value)

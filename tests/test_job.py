@@ -254,7 +254,7 @@ def test_existing_output_refused_without_resume_and_resume_reuses(tmp_path, clie
     out = tmp_path / "out"
     score_dataset(src, out, client=client, rows_per_partition=300)
     first = {p.name: p.read_bytes() for p in parts(out)}
-    with pytest.raises(JobError, match="--resume") as e:
+    with pytest.raises(JobError, match=r"pass resume=True to finish it") as e:  # Python: the keyword
         score_dataset(src, out, client=client, rows_per_partition=300)
     assert e.value.code == 2
     # a killed run: two parts lost, one stale temporary, no _SUCCESS
@@ -277,9 +277,9 @@ def test_resume_refused_when_options_or_input_differ(tmp_path, client, x16):
     src = make_npy(tmp_path / "laion", x16[:600], [600])
     out = tmp_path / "out"
     score_dataset(src, out, client=client)
-    with pytest.raises(JobError, match=r"--threshold was None, now 0\.3"):
+    with pytest.raises(JobError, match=r"threshold was None, now 0\.3"):
         score_dataset(src, out, client=client, threshold=0.3, resume=True)
-    with pytest.raises(JobError, match="--score-column was 'nsfw_score', now 's'"):
+    with pytest.raises(JobError, match="score_column was 'nsfw_score', now 's'"):
         score_dataset(src, out, client=client, resume=True, score_column="s")
     np.save(src / "img_emb" / "img_emb_0.npy", x16[600:1200])  # same size, new content
     os.utime(src / "img_emb" / "img_emb_0.npy", ns=(1, 1))
@@ -581,5 +581,5 @@ def test_gpu_workers_beyond_visible_gpus_refused_before_output(tmp_path, x16, mo
         score_dataset(src, out, gpu=True, n_workers=2, progress=False)
     assert e.value.code == 2
     msg = str(e.value)
-    assert "\n" not in msg and "2 GPU workers" in msg and "--workers 1" in msg
+    assert "\n" not in msg and "2 GPU workers" in msg and "n_workers=1" in msg
     assert not out.exists()

@@ -97,7 +97,7 @@ def test_job_layout_commit_and_resume_on_the_synthetic_head(tmp_path, synthetic_
 
     with pytest.raises(JobError) as e:  # an existing OUTPUT without --resume: refused
         score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400, progress=False)
-    assert e.value.code == 2 and "--resume" in str(e.value)
+    assert e.value.code == 2 and "resume=True" in str(e.value)
     with pytest.raises(JobError, match="threshold"):  # resume with another content option: refused
         score_dataset(
             src,

@@ -432,6 +432,7 @@ def test_resolve_order(tmp_path: Path, user_cache: Path, monkeypatch: pytest.Mon
 
 
 def test_resolve_nothing_anywhere_offline(tmp_path: Path, user_cache: Path) -> None:
+    (tmp_path / "nowhere").mkdir()  # an empty folder (a missing one is refused as such)
     with pytest.raises(WeightsNotFoundError) as ei:
         resolve_weights("vit-l-14", tmp_path / "nowhere")
     msg = str(ei.value)
