@@ -20,7 +20,9 @@ from ._version import __version__
 from .exceptions import (
     EmbeddingColumnError,
     EmbeddingFormatError,
+    EmbeddingNormError,
     JobError,
+    NotUnitNormWarning,
     NsfwDaskError,
     WeightsError,
     WeightsIntegrityError,
@@ -53,8 +55,10 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "EmbeddingColumnError",
     "EmbeddingFormatError",
+    "EmbeddingNormError",
     "JobError",
     "NSFWModelPlugin",
+    "NotUnitNormWarning",
     "NsfwDaskError",
     "Summary",
     "WeightsError",

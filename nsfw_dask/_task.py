@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 
 from ._atomic import TMP_NAME, storage_error, tmp_name
 from ._lease import confirm_holder
+from ._norms import clearly_not_unit, norm_stats, not_unit_message
 from ._plan import ROW_NUMBER_COLUMN, Part, Plan, file_identity
 from ._version import __version__
-from .exceptions import EmbeddingFormatError, JobError
+from .exceptions import EmbeddingFormatError, EmbeddingNormError, JobError
 from .io import is_local, show_path
 from .summary import encode_histogram, histogram
 
@@ -58,6 +59,8 @@ class Options:
     batch_size: int | None
     device: str | None
     model_dir: str | None
+    normalize: bool = False  # L2-normalise each embedding before scoring (changes the scores)
+    norm_check: bool = True  # refuse a partition whose embeddings are clearly not unit length
 
 
 def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]:
@@ -88,14 +91,15 @@ def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]
     return table.drop_columns([plan.column]), col
 
 
-def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> np.ndarray:
+def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> tuple[np.ndarray, np.ndarray]:
+    """The part's scores and every row's L2 norm (NaN where a row has no embedding)."""
     import pandas as pd
 
-    from .scoring import score_nsfw
+    from .scoring import score_partition
 
     frame = pd.DataFrame({plan.column: pd.arrays.ArrowExtensionArray(emb)}, index=pd.RangeIndex(part.start, part.stop))
     try:
-        out = score_nsfw(
+        return score_partition(
             frame,
             column=plan.column,
             model=opts.model,
@@ -103,14 +107,21 @@ def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> np.ndarray:
             batch_size=opts.batch_size,
             device=opts.device,
             model_dir=opts.model_dir,
-            score_column="__nsfw_score__",
+            normalize=opts.normalize,
         )
     except EmbeddingFormatError as e:
-        shown = show_path(plan.in_fs, part.npy or part.source)
-        raise EmbeddingFormatError(
-            f"{shown}, rows {part.start}-{part.stop - 1} of that file (row numbers count from 0 within the file): {e}"
-        ) from None
-    return np.asarray(out["__nsfw_score__"].to_numpy(), dtype=np.float32)
+        raise EmbeddingFormatError(f"{_where(plan, part)}: {e}") from None
+
+
+def _where(plan: Plan, part: Part) -> str:
+    shown = show_path(plan.in_fs, part.npy or part.source)
+    return f"{shown}, rows {part.start}-{part.stop - 1} of that file (row numbers count from 0 within the file)"
+
+
+def _check_norms(plan: Plan, part: Part, norm: dict[str, Any], opts: Options) -> None:
+    """Refuse a partition whose embeddings are clearly not L2-normalised (see ``_norms``)."""
+    if opts.norm_check and not opts.normalize and clearly_not_unit(norm["norm_median"]):
+        raise EmbeddingNormError(not_unit_message(_where(plan, part), norm["norm_median"], norm["norm_rows"], cli=True))
 
 
 def _embedding_as_binary(emb: pa.Array) -> pa.Array:
@@ -204,6 +215,9 @@ def _schema_metadata(
         "nan_scores": stats["nan_scores"],
         "over_threshold": stats["over_threshold"],
         "histogram": encode_histogram(stats["histogram"]),
+        "norm_off_unit": stats["norm_off_unit"],
+        "norm_zero": stats["norm_zero"],
+        "norm_histogram": encode_histogram(stats["norm_histogram"]),
         "version": __version__,
     }
     md[_PART_KEY] = json.dumps(info).encode()
@@ -378,12 +392,17 @@ def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
     """
     check_inputs(plan, part)
     table, emb = _load(plan, part)
-    scores = _score(plan, part, emb, opts) if part.rows else np.zeros(0, np.float32)
+    scores, norms = _score(plan, part, emb, opts) if part.rows else (np.zeros(0, np.float32),) * 2
+    norm = norm_stats(norms)
+    _check_norms(plan, part, norm, opts)
     nan = np.isnan(scores)
     stats = {
         "nan_scores": int(nan.sum()),
         "over_threshold": int((scores >= opts.threshold).sum()) if opts.threshold is not None else 0,
         "histogram": histogram(scores),
+        "norm_off_unit": norm["norm_off_unit"],
+        "norm_zero": norm["norm_zero"],
+        "norm_histogram": norm["norm_histogram"],
     }
     out = _output_table(plan, part, table, emb, scores, opts, stats)
     del table, emb

@@ -283,6 +283,19 @@ _score_options = _options(
         help="reproduce LAION's original AutoKeras model (LAION-5B's punsafe) instead of "
         "NeMo Curator's torch port; needs LAION's SavedModel zip (see fetch-weights --exact)",
     ),
+    click.option(
+        "--normalize",
+        is_flag=True,
+        help="L2-normalise each embedding before scoring (raw CLIP encode_image outputs; LAION's heads "
+        "expect unit-length embeddings); a zero vector gets a NaN score",
+    ),
+    click.option(
+        "--no-norm-check",
+        "no_norm_check",
+        is_flag=True,
+        help="score embeddings whose norms are far from 1 as they are (by default a partition with a "
+        "median L2 norm outside [0.5, 2] fails the job: they are not normalised)",
+    ),
 )
 
 
@@ -508,6 +521,15 @@ def _print_summary(s: dict[str, Any]) -> None:
         print("score quantiles  " + "  ".join(f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
     else:
         print("score quantiles  (no scores: no rows with an embedding)")
+    nq = s.get("norms") or {}
+    if nq.get("p50") is not None:
+        zero = f", {nq['zero']:,} zero vectors (NaN scores)" if nq.get("normalized") and nq.get("zero") else ""
+        print(
+            f"embedding norms  p01~{nq['p01']:.3g}  p50~{nq['p50']:.3g}  p99~{nq['p99']:.3g}; "
+            f"{nq['off_unit']:,} rows off unit length by > {nq['tolerance']:g}"
+            + (" (scored after --normalize)" if nq.get("normalized") else "")
+            + zero
+        )
     if s.get("threshold") is not None:
         pct = 100 * s["over_threshold"] / max(1, s["rows"] - s["nan_scores"])
         print(f"score >= {s['threshold']:<8g}{s['over_threshold']:,} rows ({pct:.2f}%)")
@@ -561,6 +583,8 @@ def _run_score(args: SimpleNamespace, input_path: str, output: str) -> dict[str,
             rows_per_partition=args.rows_per_partition,
             progress=not args.no_progress and sys.stderr.isatty(),
             interrupted=_interrupted,
+            normalize=getattr(args, "normalize", False),
+            norm_check=not getattr(args, "no_norm_check", False),
         )
     finally:
         if client is not None:

@@ -51,3 +51,19 @@ class JobError(NsfwDaskError):
 
     def __reduce__(self) -> tuple[type, tuple[str, int]]:
         return (type(self), (str(self), self.code))
+
+
+class EmbeddingNormError(JobError):
+    """The job found embeddings that are clearly not L2-normalised (exit 1).
+
+    The message names the file, the rows, the median norm seen and the two fixes
+    (``--normalize`` / ``--no-norm-check``; ``normalize=True`` / ``norm_check=False`` from Python).
+    """
+
+
+class NotUnitNormWarning(UserWarning):
+    """``score_nsfw``/``NSFWScorer`` were given embeddings that are clearly not L2-normalised.
+
+    LAION's heads score such rows wrongly; pass ``normalize=True`` (L2-normalise before scoring)
+    or ``norm_check=False`` (the embeddings are right as they are).
+    """

@@ -25,7 +25,7 @@ from .exceptions import (
 )
 from .loading import load_model, resolve_device
 from .models import Normalization, NSFWModel, get_spec
-from .scoring import DEFAULT_BATCH_SIZE, score_tensor
+from .scoring import DEFAULT_BATCH_SIZE, score_tensor, warn_if_not_unit
 from .weights import fetch_file, fetch_weights, find_weights_in
 
 __all__ = ["NSFWModel", "NSFWScorer", "Normalization"]
@@ -50,6 +50,12 @@ class NSFWScorer:
     exact : bool, default False
         ``True`` reproduces LAION's original AutoKeras model (LAION-5B's ``punsafe``) instead of
         NeMo Curator's port; see :func:`nsfw_dask.score_nsfw` and README, "Exact mode".
+    normalize : bool, default False
+        L2-normalise each embedding before scoring (a zero vector gets NaN); NeMo Curator's
+        embedders normalise before this scorer, raw ``encode_image`` outputs are not.
+    norm_check : bool, default True
+        Warn (:class:`~nsfw_dask.NotUnitNormWarning`) when a sample of a call's rows is clearly not
+        unit length (median norm outside [0.5, 2]); see :func:`nsfw_dask.score_nsfw`.
 
     Examples
     --------
@@ -69,9 +75,13 @@ class NSFWScorer:
         device: str | torch.device | None = None,
         batch_size: int | None = None,
         exact: bool = False,
+        normalize: bool = False,
+        norm_check: bool = True,
     ) -> None:
         self.spec = get_spec(model)
         self.exact = bool(exact)
+        self.normalize = bool(normalize)
+        self.norm_check = bool(norm_check)
         self.model_dir = model_dir
         self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float32
@@ -160,6 +170,8 @@ class NSFWScorer:
                 "cast them (embeddings.astype(np.float32), or .float() for a tensor), after dequantizing "
                 "quantized ones."
             )
+        if self.norm_check and not self.normalize:
+            warn_if_not_unit([embeddings], "NSFWScorer input")
         dev = resolve_device(self.device)
         bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
-        return score_tensor(self.nsfw_model, embeddings, batch_size=bs, device=dev)
+        return score_tensor(self.nsfw_model, embeddings, batch_size=bs, device=dev, normalize=self.normalize)

@@ -121,6 +121,8 @@ def _job_description(plan: Plan, opts: Options, rows_per_partition: int) -> dict
         },
         "version": __version__,
     }
+    if opts.normalize:  # changes the scores; absent when off, so earlier jobs keep their ids
+        content["options"]["normalize"] = True  # type: ignore[index]
     if plan.partition_columns:  # their values are in the files' paths; their types follow all of them
         content["partition_columns"] = [list(c) for c in plan.partition_columns]
     job_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -143,6 +145,7 @@ _OPTION_FLAGS = {
     "keep_embeddings": "--keep-embeddings",
     "rows_per_partition": "--rows-per-partition",
     "device": "--gpu",
+    "normalize": "--normalize",
 }
 
 
@@ -158,8 +161,9 @@ def _job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         diffs.append(
             f"INPUT's hive partition columns were {old.get('partition_columns')}, now {new.get('partition_columns')}"
         )
-    for k, v in new["options"].items():
-        was = old.get("options", {}).get(k)
+    old_options = old.get("options", {})
+    for k in [*new["options"], *(k for k in old_options if k not in new["options"])]:
+        was, v = old_options.get(k), new["options"].get(k)
         if was != v:
             diffs.append(f"{_OPTION_FLAGS.get(k, k)} was {was!r}, now {v!r}")
     of = {f["path"]: f for f in old.get("input_files", [])}
@@ -468,6 +472,8 @@ _KEYWORDS = {
     "threads-per-worker": "threads_per_worker=",
     "storage-options": "storage_options=",
     "batch-size": "batch_size=",
+    "normalize": "normalize=True",
+    "no-norm-check": "norm_check=False",
 }
 
 
@@ -544,6 +550,8 @@ def score_dataset(
     rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION,
     progress: bool = False,
     interrupted: threading.Event | None = None,
+    normalize: bool = False,
+    norm_check: bool = True,
 ) -> Summary:
     """Score a parquet or LAION parquet_npy dataset into a committed, resumable parquet folder.
 
@@ -586,6 +594,15 @@ def score_dataset(
         A progress line on stderr.
     interrupted : threading.Event, optional
         If set when the parts are done, ``_SUCCESS`` is not written (the CLI's signal flag).
+    normalize : bool
+        L2-normalise each embedding before scoring (for raw ``encode_image`` outputs; a zero
+        vector gets a NaN score and is counted in ``summary.norms["zero"]``).  Part of the job
+        description: ``resume`` with another value is refused.
+    norm_check : bool
+        Every row's norm is taken while it is scored (``summary.norms``: quantiles, rows off unit
+        length by more than 1 %); a partition whose median norm is outside [0.5, 2] is clearly
+        not normalised and fails the job (:class:`~nsfw_dask.EmbeddingNormError`) unless
+        ``normalize`` or ``norm_check=False``.
 
     Returns
     -------
@@ -600,6 +617,8 @@ def score_dataset(
         names the file and the fix.
     EmbeddingFormatError
         A row cannot be scored; the message names the file and the row within it.
+    EmbeddingNormError
+        A partition's embeddings are clearly not L2-normalised (see ``norm_check``).
 
     Notes
     -----
@@ -626,7 +645,13 @@ def score_dataset(
     )
     device = "cuda" if gpu else None
     opts = Options(
-        **{**asdict(opts), "device": device, "model_dir": None if model_dir is None else normalize_path(model_dir)}
+        **{
+            **asdict(opts),
+            "device": device,
+            "model_dir": None if model_dir is None else normalize_path(model_dir),
+            "normalize": bool(normalize),
+            "norm_check": bool(norm_check),
+        }
     )
 
     plan = plan_input(
@@ -731,6 +756,7 @@ def score_dataset(
     summary.seconds = time.perf_counter() - t0
     summary.rows_per_s = rows_scored / compute_seconds if compute_seconds > 0 and rows_scored else 0.0
     summary.quantiles = quantiles_from_histogram(summary.histogram)
+    summary.finish_norms(normalized=opts.normalize)
     return summary
 
 
@@ -969,6 +995,9 @@ def _reusable_parts(plan: Plan, names: list[str]) -> dict[int, dict[str, Any]]:
             "nan_scores": info["nan_scores"],
             "over_threshold": info["over_threshold"],
             "histogram": decode_histogram(info["histogram"]),
+            "norm_off_unit": info.get("norm_off_unit", 0),  # parts written before the norm check: none
+            "norm_zero": info.get("norm_zero", 0),
+            "norm_histogram": decode_histogram(info["norm_histogram"]) if "norm_histogram" in info else None,
         }
 
     reused = {}

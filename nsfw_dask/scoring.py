@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import re
+import warnings
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ._compat import in_dask_meta_inference
 from ._forward import get_runner
+from ._norms import SAMPLE_ROWS, clearly_not_unit, not_unit_message
 from .dispatch import Segment, get_backend
-from .exceptions import EmbeddingFormatError
+from .exceptions import EmbeddingFormatError, NotUnitNormWarning
 from .loading import load_model, resolve_device
 from .models import get_spec
 
 if TYPE_CHECKING:
     from .exact import ExactNSFWModel
-    from .models import NSFWModel
+    from .models import ModelSpec, NSFWModel
 
-__all__ = ["DEFAULT_BATCH_SIZE", "nsfw_meta", "score", "score_nsfw", "score_tensor"]
+__all__ = ["DEFAULT_BATCH_SIZE", "nsfw_meta", "score", "score_nsfw", "score_partition", "score_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,27 +101,75 @@ _EXACT_CHUNK_ROWS = 65_536
 
 
 def _score_segments(
-    model: NSFWModel | ExactNSFWModel, segments: list[Segment], n: int, *, batch_size: int, device: torch.device
+    model: NSFWModel | ExactNSFWModel,
+    segments: list[Segment],
+    n: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+    norms: torch.Tensor | None = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
+    """The scores of a partition's ``n`` rows (NaN for rows without an embedding); ``norms``, if
+    given, an ``(n,)`` tensor on ``device`` that receives each row's L2 norm (NaN likewise)."""
     out = torch.empty(n, dtype=torch.float32, device=device)
     covered = 0
     for seg in segments:
         view = out[seg.start : seg.stop]
+        nview = None if norms is None else norms[seg.start : seg.stop]
         if seg.rows is None and seg.emb.shape[0] == seg.stop - seg.start:
-            score_tensor(model, seg.emb, batch_size=batch_size, device=device, out=view)
+            score_tensor(
+                model, seg.emb, batch_size=batch_size, device=device, out=view, norms=nview, normalize=normalize
+            )
         else:
             if seg.rows is None or len(seg.rows) != seg.emb.shape[0]:
                 raise AssertionError("internal error: a segment's rows do not match its embeddings")
             view.fill_(float("nan"))
+            if nview is not None:
+                nview.fill_(float("nan"))
             if seg.emb.shape[0]:
-                scores = score_tensor(model, seg.emb, batch_size=batch_size, device=device)
-                view[seg.rows.to(device)] = scores
+                k = seg.emb.shape[0]
+                seg_norms = None if nview is None else torch.empty(k, dtype=torch.float32, device=device)
+                scores = score_tensor(
+                    model, seg.emb, batch_size=batch_size, device=device, norms=seg_norms, normalize=normalize
+                )
+                rows = seg.rows.to(device)
+                view[rows] = scores
+                if nview is not None and seg_norms is not None:
+                    nview[rows] = seg_norms
         if seg.null_rows is not None and len(seg.null_rows):
             view[seg.null_rows.to(device)] = float("nan")
+            if nview is not None:
+                nview[seg.null_rows.to(device)] = float("nan")
         covered += seg.stop - seg.start
     if covered != n:  # only zero-length chunks are skipped
         raise AssertionError(f"internal error: segments cover {covered} of {n} rows")
     return out
+
+
+def sample_norm_median(embeddings: list[torch.Tensor]) -> tuple[float, int]:
+    """Median L2 norm of a strided sample of at most ``SAMPLE_ROWS`` rows of ``embeddings``
+    (each ``(k, dim)``), and the sample's size; NaN rows are left out.  Cheap next to scoring."""
+    total = sum(int(e.shape[0]) for e in embeddings)
+    if total == 0:
+        return math.nan, 0
+    step = max(1, total // SAMPLE_ROWS)
+    parts = [torch.linalg.vector_norm(e[::step], dim=1, dtype=torch.float32) for e in embeddings if e.shape[0]]
+    nrm = torch.cat([p.to("cpu") for p in parts])
+    nrm = nrm[torch.isfinite(nrm)]
+    if not len(nrm):
+        return math.nan, 0
+    return float(nrm.median()), len(nrm)
+
+
+def warn_if_not_unit(embeddings: list[torch.Tensor], what: str, *, stacklevel: int = 3) -> None:
+    """:class:`NotUnitNormWarning` when a sample of the rows is clearly not L2-normalised."""
+    median, k = sample_norm_median(embeddings)
+    if clearly_not_unit(median):
+        warnings.warn(
+            NotUnitNormWarning(not_unit_message(what, median, k, cli=False).replace(" rows)", " sampled rows)")),
+            stacklevel=stacklevel,
+        )
 
 
 #: The "or pass column= ..." ending of a backend's fix, dropped when the caller named the column.
@@ -134,6 +186,8 @@ def score_nsfw(
     device: str | torch.device | None = None,
     model_dir: str | os.PathLike[str] | None = None,
     exact: bool = False,
+    normalize: bool = False,
+    norm_check: bool = True,
 ) -> Any:
     """Score one partition of CLIP image embeddings with LAION's NSFW detector.
 
@@ -167,6 +221,15 @@ def score_nsfw(
         LAION's original AutoKeras model, whose scores are LAION-5B's published ``punsafe``:
         a few columns are looked up in the original vocabularies (read from LAION's SavedModel
         zip, found like the weights) and NaN values count as 0.  See README, "Exact mode".
+    normalize : bool, default False
+        L2-normalise each embedding before scoring (``x / ||x||``; a zero vector gets NaN).  For
+        raw ``encode_image`` outputs: LAION's heads were trained on unit-length embeddings.
+    norm_check : bool, default True
+        Look at the norms of a sample of the rows (up to 1,024 per call, cheap next to scoring)
+        and warn (:class:`~nsfw_dask.NotUnitNormWarning`) when they are clearly not unit length
+        (median outside [0.5, 2]): such rows get confident, wrong scores.  ``False`` when you know
+        your embeddings are right as they are.  It warns rather than refuses: a library call on one
+        partition should not stop a pipeline on its own judgement; ``nsfw-dask score`` refuses.
 
     Returns
     -------
@@ -208,21 +271,98 @@ def score_nsfw(
     n = len(df)
     if n == 0 or schema_only:
         return backend.attach(df, score_column, None)
+    scores, _ = _score_frame(
+        backend,
+        df,
+        col,
+        spec,
+        column_given=column is not None,
+        batch_size=batch_size,
+        device=device,
+        model_dir=model_dir,
+        exact=exact,
+        normalize=normalize,
+        warn_norms=norm_check,
+        with_norms=False,
+    )
+    return backend.attach(df, score_column, scores)
+
+
+def _score_frame(
+    backend: Any,
+    df: Any,
+    col: Any,
+    spec: ModelSpec,
+    *,
+    column_given: bool,
+    batch_size: int | None,
+    device: str | torch.device | None,
+    model_dir: str | os.PathLike[str] | None,
+    exact: bool,
+    normalize: bool,
+    warn_norms: bool,
+    with_norms: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The scores of ``df[col]`` (None: no row has an embedding, so no model was loaded) and,
+    ``with_norms``, every row's L2 norm; ``warn_norms``: the sampled norm check's warning."""
     try:
         segments = backend.to_segments(df, col, spec)
     except EmbeddingFormatError as e:
-        if column is None:
+        if not column_given:
             raise
         # the caller named the column: the fix is the cast alone, not "or pass column="
         raise EmbeddingFormatError(_COLUMN_HINT.sub(".", str(e))) from None
     if not any(seg.emb.shape[0] for seg in segments):  # every row null: no model needed
-        return backend.attach(df, score_column, None)
+        return None, None
+    if warn_norms and not normalize:
+        warn_if_not_unit([seg.emb for seg in segments], f"Column {col!r}", stacklevel=4)
+    n = len(df)
     dev = resolve_device(device if device is not None else backend.default_device(df))
     bs = int(batch_size) if batch_size else _default_batch_size(dev)
     head = load_model(spec, device=dev, model_dir=model_dir, exact=exact)
-    scores = _score_segments(head, segments, n, batch_size=bs, device=dev)
+    norms = torch.empty(n, dtype=torch.float32, device=dev) if with_norms else None
+    scores = _score_segments(head, segments, n, batch_size=bs, device=dev, norms=norms, normalize=normalize)
     logger.debug("scored %d rows of %r on %s in %d segment(s), exact=%s", n, col, dev, len(segments), exact)
-    return backend.attach(df, score_column, scores)
+    return scores, norms
+
+
+def score_partition(
+    df: Any,
+    *,
+    column: Any,
+    model: str = "vit-l-14",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    exact: bool = False,
+    normalize: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The job's scoring step: float32 scores and every row's L2 norm, as host arrays.
+
+    NaN for rows without an embedding, in both.  The norms come from the forward pass (each
+    batch while it is in cache); the job checks and reports them (:mod:`nsfw_dask._norms`).
+    """
+    spec = get_spec(model)
+    backend = get_backend(df)
+    col = backend.resolve_column(df, column, schema_only=False)
+    scores, norms = _score_frame(
+        backend,
+        df,
+        col,
+        spec,
+        column_given=True,
+        batch_size=batch_size,
+        device=device,
+        model_dir=model_dir,
+        exact=exact,
+        normalize=normalize,
+        warn_norms=False,
+        with_norms=True,
+    )
+    if scores is None or norms is None:
+        nan = np.full(len(df), np.nan, dtype=np.float32)
+        return nan, nan.copy()
+    return scores.cpu().numpy(), norms.cpu().numpy()
 
 
 def nsfw_meta(frame: Any, *, column: Any = None, score_column: Any = "nsfw_score") -> Any:

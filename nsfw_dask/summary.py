@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ._norms import NORM_HIST_BINS, NORM_TOL, norm_quantiles
+
 __all__ = [
     "HIST_BINS",
     "Progress",
@@ -50,13 +52,31 @@ class Summary:
     rows_per_s: float = 0.0
     output: str = ""
     quantiles: dict[str, float | None] = field(default_factory=dict)
+    #: The embeddings' L2 norms (the norm check, :mod:`nsfw_dask._norms`): quantiles ``p01``,
+    #: ``p50``, ``p99`` (each within 2.3 %), ``off_unit`` (rows with ``| ||x|| - 1 | > tolerance``),
+    #: ``zero`` (zero vectors: NaN scores with ``normalize``), ``tolerance``, ``normalized``.
+    norms: dict[str, Any] = field(default_factory=dict)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64), repr=False)
+    norm_histogram: np.ndarray = field(default_factory=lambda: np.zeros(NORM_HIST_BINS, np.int64), repr=False)
+    norm_off_unit: int = field(default=0, repr=False)
+    norm_zero: int = field(default=0, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: every field but the histogram."""
+        """JSON-ready: every field but the histograms and the raw norm counts (in ``norms``)."""
         d = asdict(self)
-        d.pop("histogram")
+        for k in ("histogram", "norm_histogram", "norm_off_unit", "norm_zero"):
+            d.pop(k)
         return d
+
+    def finish_norms(self, *, normalized: bool) -> None:
+        """Fill :attr:`norms` from the per-part counts (the client calls it once, at the end)."""
+        self.norms = {
+            **norm_quantiles(self.norm_histogram),
+            "off_unit": self.norm_off_unit,
+            "zero": self.norm_zero,
+            "tolerance": NORM_TOL,
+            "normalized": normalized,
+        }
 
 
 def histogram(scores: np.ndarray) -> np.ndarray:
@@ -127,3 +147,7 @@ def add_part(summary: Summary, r: dict[str, Any]) -> None:
     summary.nan_scores += r["nan_scores"]
     summary.over_threshold += r["over_threshold"]
     summary.histogram = summary.histogram + r["histogram"]
+    summary.norm_off_unit += r.get("norm_off_unit", 0)
+    summary.norm_zero += r.get("norm_zero", 0)
+    if r.get("norm_histogram") is not None:
+        summary.norm_histogram = summary.norm_histogram + r["norm_histogram"]

@@ -272,7 +272,8 @@ def test_a_live_lease_of_another_host_refuses_every_run_until_it_expires(tmp_pat
         msg = str(e.value)
         assert e.value.code == 2 and "\n" not in msg, msg
         assert f"OUTPUT {out} is in use" in msg and "host elsewhere, pid 1" in msg, msg
-        assert re.search(r"its lease expires in 5\d s .*then rerun with --resume", msg), msg
+        # a Python caller is told the keyword (resume=True), the CLI the flag
+        assert re.search(r"its lease expires in 5\d s .*then rerun with resume=True", msg), msg
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (out / LEASE).write_text(json.dumps(lease_record("elsewhere", heartbeat_ago=61)))  # expired a second ago
     with caplog.at_level(logging.WARNING, logger="nsfw_dask"):

@@ -15,8 +15,10 @@ import nsfw_dask
 ALL = [
     "EmbeddingColumnError",
     "EmbeddingFormatError",
+    "EmbeddingNormError",
     "JobError",
     "NSFWModelPlugin",
+    "NotUnitNormWarning",
     "NsfwDaskError",
     "Summary",
     "WeightsError",
