@@ -154,7 +154,9 @@ def sample_norm_median(embeddings: list[torch.Tensor]) -> tuple[float, int]:
     if total == 0:
         return math.nan, 0
     step = max(1, total // SAMPLE_ROWS)
-    parts = [torch.linalg.vector_norm(e[::step], dim=1, dtype=torch.float32) for e in embeddings if e.shape[0]]
+    # the sample in float32 (a copy of <= SAMPLE_ROWS rows): float16 accumulates in float32,
+    # float64 is rounded first (vector_norm refuses to narrow it)
+    parts = [torch.linalg.vector_norm(e[::step].float(), dim=1) for e in embeddings if e.shape[0]]
     nrm = torch.cat([p.to("cpu") for p in parts])
     nrm = nrm[torch.isfinite(nrm)]
     if not len(nrm):
@@ -314,10 +316,10 @@ def _score_frame(
         raise EmbeddingFormatError(_COLUMN_HINT.sub(".", str(e))) from None
     if not any(seg.emb.shape[0] for seg in segments):  # every row null: no model needed
         return None, None
-    if warn_norms and not normalize:
-        warn_if_not_unit([seg.emb for seg in segments], f"Column {col!r}", stacklevel=4)
     n = len(df)
     dev = resolve_device(device if device is not None else backend.default_device(df))
+    if warn_norms and not normalize:
+        warn_if_not_unit([seg.emb for seg in segments], f"Column {col!r}", stacklevel=4)
     bs = int(batch_size) if batch_size else _default_batch_size(dev)
     head = load_model(spec, device=dev, model_dir=model_dir, exact=exact)
     norms = torch.empty(n, dtype=torch.float32, device=dev) if with_norms else None

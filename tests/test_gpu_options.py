@@ -29,6 +29,11 @@ from nsfw_dask import io as nio
 _ABSENT = object()
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as CLIP embeddings are stored (raw rows: NotUnitNormWarning)."""
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def test_default_options() -> None:
     assert gpu.cuda_cluster_options() == {
         "rmm_allocator_external_lib_list": ["torch", "cupy"],
@@ -229,7 +234,7 @@ def _write(path: Path, x: np.ndarray, *, fixed: bool = True, start: int = 0) -> 
 
 @pytest.fixture
 def half_folder(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    x = np.random.default_rng(1).standard_normal((30, 768)).astype(np.float16)
+    x = _unit(np.random.default_rng(1).standard_normal((30, 768))).astype(np.float16)
     folder = tmp_path / "half"
     folder.mkdir()
     for i, a in enumerate(range(0, 30, 10)):
@@ -369,7 +374,7 @@ def test_release_buffers_frees_and_rescoring_is_unchanged() -> None:
 
     clear_model_cache()  # a fresh model: this thread has no runner for it yet (earlier tests' runners go with theirs)
     head = load_model("vit-l-14", device="cpu")
-    x = torch.from_numpy(np.random.default_rng(3).standard_normal((700, 768)).astype(np.float32))
+    x = torch.from_numpy(_unit(np.random.default_rng(3).standard_normal((700, 768))).astype(np.float32))
     dev = torch.device("cpu")
     before = score_tensor(head, x, batch_size=512, device=dev).clone()
     runner = get_runner(head, dev)
@@ -396,7 +401,7 @@ def test_read_embeddings_partitions_are_never_merged_under_the_cudf_backend(tmp_
     root = tmp_path / "laion"
     (root / "img_emb").mkdir(parents=True)
     (root / "metadata").mkdir()
-    x = np.random.default_rng(2).standard_normal((30, 768)).astype(np.float16)
+    x = _unit(np.random.default_rng(2).standard_normal((30, 768))).astype(np.float16)
     for i in range(3):
         np.save(root / "img_emb" / f"img_emb_{i}.npy", x[10 * i : 10 * i + 10])
         pq.write_table(pa.table({"key": [f"{i}-{j}" for j in range(10)]}), root / "metadata" / f"metadata_{i}.parquet")

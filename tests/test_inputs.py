@@ -321,10 +321,12 @@ def test_list_and_fixed_size_list_files_in_one_folder(tmp_path, client, x, expec
 def test_object_column_of_integer_python_lists_is_converted(x):
     ints = np.rint(x[:20] * 100).astype(np.int64)
     df = pd.DataFrame({"emb": pd.Series([list(map(int, r)) for r in ints], dtype=object)}, index=np.arange(20) * 2)
-    got = score_nsfw(df, column="emb")
+    # x * 100 rounded: norms ~100, which the norm check rightly warns about; here only the conversion counts
+    got = score_nsfw(df, column="emb", norm_check=False)
     want = score_nsfw(
         pd.DataFrame({"emb": pd.Series([r.astype(np.float64) for r in ints], dtype=object)}, index=df.index),
         column="emb",
+        norm_check=False,
     )
     assert list(got.index) == list(df.index)
     np.testing.assert_array_equal(

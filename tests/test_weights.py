@@ -620,7 +620,7 @@ def test_nemo_layout_resaved_state_dict(tmp_path: Path, l14_bytes: bytes, l14_st
     scorer.setup()
     assert scorer.weights_path == str(path)
     ref = NSFWScorer(put(tmp_path / "laion-name", L14.filename, l14_bytes).parent, device="cpu")
-    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.normalize(torch.randn(5, 768, generator=torch.Generator().manual_seed(0)), dim=1)
     torch.testing.assert_close(scorer(x), ref(x), rtol=0, atol=0)
 
 
@@ -679,7 +679,7 @@ def test_scorer_download_weights_on_node_then_setup(
     scorer.setup()
     assert scorer.model_id_names == ["laion/clip-autokeras-binary-nsfw"]
     assert scorer.weights_path == str(path)
-    out = scorer(np.zeros((3, 768), np.float32))
+    out = scorer(np.full((3, 768), 768**-0.5, np.float32))  # unit vectors (zeros: NotUnitNormWarning)
     assert isinstance(out, torch.Tensor)
     assert out.dtype == torch.float32
     assert tuple(out.shape) == (3,)
