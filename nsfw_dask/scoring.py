@@ -185,8 +185,8 @@ def score_nsfw(
         raise TypeError(f"Expected exact to be True or False but got {exact!r}")
     backend = get_backend(df)
     schema_only = _in_dask_meta_inference()
-    col = backend.resolve_column(df, column, schema_only=schema_only)
-    if score_column == col:
+    col = backend.resolve_column(df, column, schema_only=schema_only)  # None: undecided on dask's fake partition
+    if col is not None and score_column == col:
         raise ValueError(f"score_column {score_column!r} is the embedding column; choose another name.")
     n = len(df)
     if n == 0 or schema_only:

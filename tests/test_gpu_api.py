@@ -239,6 +239,41 @@ def test_resolve_column_skips_non_float_list_columns(cudf: Any) -> None:
     assert CudfBackend().resolve_column(frame, None, schema_only=True) == "emb"
 
 
+def test_cudf_dtype_descriptions(cudf: Any) -> None:
+    """What ``meta_inference_column`` reads for cuDF dtypes (host-only dtypes, no device)."""
+    from nsfw_dask._cudf import describe_dtype
+
+    assert describe_dtype(cudf.ListDtype("float32")) == "list<float32>"
+    assert describe_dtype(cudf.ListDtype("float64")) == "list<float64>"
+    assert describe_dtype(cudf.ListDtype("int64")) == "list<int64>"
+    assert describe_dtype(cudf.ListDtype("str")) == "list<str>"
+    assert describe_dtype(cudf.ListDtype(cudf.ListDtype("float32"))) == "list<list<float32>>"
+    assert describe_dtype(cudf.dtype("str")) == "str", (cudf.dtype("str"), _version("cudf"))
+    assert describe_dtype(np.dtype("int64")) == "int64"
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [
+        {"id": "int64", "emb": "list<int64>"},  # dask_cudf.from_cudf: the fake list's leaves were not float
+        {"id": "int64", "embedding": "str", "url": "str"},  # parquet under the cudf backend: strings
+    ],
+)
+def test_resolve_column_on_dask_cudf_fake_partitions(cudf: Any, fake: dict[str, str]) -> None:
+    """The fake partitions the first GPU run met: undecided during meta inference (no error);
+    the same schema on a real partition is the one-line "No column of float lists" error."""
+    from nsfw_dask._cudf import CudfBackend
+    from nsfw_dask.exceptions import EmbeddingColumnError
+
+    dtypes = {"int64": np.dtype("int64"), "str": cudf.dtype("str"), "list<int64>": cudf.ListDtype("int64")}
+    frame = _SchemaOnlyFrame({name: dtypes[kind] for name, kind in fake.items()})
+    assert CudfBackend().resolve_column(frame, None, schema_only=True) is None
+    with pytest.raises(EmbeddingColumnError, match="No column of float lists") as e:
+        CudfBackend().resolve_column(frame, None, schema_only=False)
+    for name, kind in fake.items():
+        assert f"{name!r}: {kind}" in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("element", ["int64", "str", "nested", "not-a-list"])
 def test_to_segments_rejects_non_float_lists(cudf: Any, element: str) -> None:
     """``column=`` naming a list column of non-floats: EmbeddingFormatError (a ValueError)
@@ -337,9 +372,10 @@ def test_cudf_series_from_cupy_keeps_nan(cudf: Any) -> None:
 
 
 def test_dask_cudf_nonempty_list_meta(cudf: Any) -> None:
-    """dask_cudf's fake partition for a list column: ``[[0, 1], [0, 1]]`` in the column's own
-    dtype.  The element type is kept (column resolution still finds list<float32>) and the rows
-    have 2 values, so the scorer must not read values during meta inference."""
+    """dask_cudf's fake partition for a list column: ``[[0, 1], [0, 1]]`` built for the column's
+    own dtype; rows of 2 values, so the scorer must not read values during meta inference.  (On
+    the first GPU run the fake column's leaves were not float all the same: ``score_nsfw`` relies
+    on neither the values nor the leaf type there, see ``nsfw_dask._common.meta_inference_column``.)"""
     pytest.importorskip("dask_cudf")
     import dask_cudf.backends as backends
     from dask.dataframe.dispatch import meta_nonempty
@@ -678,12 +714,15 @@ def test_half_float_hint_for_list_of_strings(cudf: Any) -> None:
     assert _is_string_list_dtype(cudf.ListDtype("str"))
     assert not _is_string_list_dtype(cudf.ListDtype("float32"))
     frame = _SchemaOnlyFrame({"id": np.dtype("int64"), "emb": cudf.ListDtype("str")})
-    with pytest.raises(EmbeddingColumnError) as e:
-        CudfBackend().resolve_column(frame, None, schema_only=True)
+    # dask's meta inference: undecided (a fake partition's list<str> may stand for anything)
+    assert CudfBackend().resolve_column(frame, None, schema_only=True) is None
+    with pytest.raises(EmbeddingColumnError) as e:  # a real partition: the hint
+        CudfBackend().resolve_column(frame, None, schema_only=False)
     assert "float16" in str(e.value) and "read_parquet_embeddings" in str(e.value)
     # a float list beside it is still found
     ok = _SchemaOnlyFrame({"tags": cudf.ListDtype("str"), "emb": cudf.ListDtype("float32")})
     assert CudfBackend().resolve_column(ok, None, schema_only=True) == "emb"
+    assert CudfBackend().resolve_column(ok, None, schema_only=False) == "emb"
     with pytest.raises(EmbeddingFormatError) as e2:
         CudfBackend().to_segments(frame, "emb", get_spec("vit-l-14"))
     msg = str(e2.value)
