@@ -14,6 +14,7 @@ import inspect
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,42 @@ def _run_python(code: str) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+# -- a fresh install imports cuDF ---------------------------------------------------------------
+
+
+def test_fresh_install_imports_cudf() -> None:
+    """``import cudf`` in a fresh interpreter, with the numpy this install resolved."""
+    _run_python("""
+        import numpy, cudf, dask_cudf, dask_cuda
+        print(cudf.__version__, numpy.__version__)
+    """)
+
+
+def test_numba_cuda_needs_the_numpy_the_gpu_extras_allow() -> None:
+    """Why the GPU extras say ``numpy<2.5``: numba-cuda (``<0.31`` for cuDF 26.10) registers
+    ``np.row_stack`` when cuDF imports it, and numpy 2.5 removed that name.  Checked here by
+    removing the name from this numpy (numpy 2.5 needs Python >= 3.12): ``import cudf`` then fails
+    as it did on the first GPU run.  When a numba-cuda without it is admitted, lift the bound."""
+    numba_cuda = pytest.importorskip("numba_cuda")
+    from importlib.metadata import version
+
+    src = Path(numba_cuda.__file__).parent / "numba" / "cuda" / "np" / "arrayobj.py"
+    registers = src.is_file() and "np.row_stack" in src.read_text()
+    if not registers:
+        pytest.skip(f"numba-cuda {version('numba-cuda')} no longer registers np.row_stack: numpy<2.5 can go")
+    assert hasattr(np, "row_stack"), (
+        f"numpy {np.__version__} has no row_stack but numba-cuda {version('numba-cuda')} registers it: "
+        "import cudf fails; the GPU extras must keep numpy<2.5"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", "import numpy; del numpy.row_stack; import cudf"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "row_stack" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
 
 
 # -- the package's own modules ------------------------------------------------------------------
