@@ -7,9 +7,10 @@ TORCH  ?= torch==2.13.0+cpu
 PIP_EXTRA ?=
 EXTRAS ?= test
 WEIGHTS ?= $(if $(NSFW_DASK_MODEL_DIR),$(NSFW_DASK_MODEL_DIR),$(abspath ../shared/weights))
+REFERENCE ?= $(if $(NSFW_DASK_REFERENCE_DIR),$(NSFW_DASK_REFERENCE_DIR),$(abspath ../shared/reference))
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint test-all demo bench bench-quick bench-job gpu-api-check clean
+.PHONY: setup test lint test-all demo bench bench-quick bench-job gpu-api-check gpu-kit clean
 
 setup: $(VENV)/.installed
 
@@ -59,5 +60,12 @@ gpu-api-check:
 	.venv-gpu/bin/python benchmarks/gpu_kit/kit.py check-resolution --extra $(GPU_EXTRA) --python-version 3.12 --show-unbounded
 	.venv-gpu/bin/python -m pytest -p no:cacheprovider -m gpu_api tests/test_gpu_api.py -v
 
+## everything a GPU machine without network needs for benchmarks/bench_gpu.py: the pinned wheels
+## (benchmarks/gpu_kit/wheels.txt, downloaded once), the weights and reference files, cut into
+## pieces of <= 60 MiB in gpu-kit/01, gpu-kit/02, ... (git-ignored); see benchmarks/gpu_kit/README.md
+gpu-kit:
+	$(PYTHON) benchmarks/gpu_kit/kit.py build --out gpu-kit \
+		--weights "$(WEIGHTS)" --reference "$(REFERENCE)"
+
 clean:
-	rm -rf $(VENV) .venv-gpu results *.egg-info
+	rm -rf $(VENV) .venv-gpu results gpu-kit *.egg-info
