@@ -406,6 +406,7 @@ def test_dask_cudf_parquet_frames_without_meta(
             "as read": ddf.map_partitions(score_nsfw),
             "repartitioned": ddf.repartition(npartitions=2).map_partitions(score_nsfw),
             "persisted": ddf.persist(scheduler="sync").map_partitions(score_nsfw),
+            "score(ddf)": nsfw_dask.score(ddf),  # meta from the collection's meta: the same rule
         }
         for what, scored in frames.items():
             assert list(scored.columns) == ["id", "url", "embedding", "nsfw_score"], what

@@ -160,6 +160,25 @@ def test_map_partitions_without_meta_when_the_fake_partition_is_not_embeddings(l
         np.testing.assert_allclose(out["nsfw_score"].to_numpy(), l14_ref["nemo_scores"][: len(x)], rtol=0, atol=1e-5)
 
 
+@pytest.mark.weights
+@pytest.mark.parametrize("kind", ["str", "list<int64>"])
+def test_explicit_meta_from_a_collection_whose_meta_is_not_embeddings(l14_ref, kind: str) -> None:
+    """``nsfw_meta(ddf)`` and ``score(ddf)`` read the collection's meta, which is the schema the
+    fake partition came from: the same rule applies (they failed on the parent commit)."""
+    x = l14_ref["inputs"][: N_PARTS * ROWS]
+    ddf = _collection(kind, x)
+    meta = nsfw_dask.nsfw_meta(ddf)
+    assert list(meta.columns) == ["id", "embedding", "url", "nsfw_score"] and len(meta) == 0
+    assert meta["nsfw_score"].dtype == np.float32 and meta["embedding"].dtype == ddf._meta["embedding"].dtype
+    out = nsfw_dask.score(ddf).compute(scheduler="sync")
+    np.testing.assert_allclose(out["nsfw_score"].to_numpy(), l14_ref["nemo_scores"][: len(x)], rtol=0, atol=1e-5)
+    assert nsfw_dask.nsfw_meta(ddf, column="embedding")["nsfw_score"].dtype == np.float32
+    with pytest.raises(ValueError, match="score_column 'embedding' is the embedding column"):
+        nsfw_dask.nsfw_meta(ddf, column="embedding", score_column="embedding")
+    with pytest.raises(EmbeddingColumnError, match="'nope' not found"):
+        nsfw_dask.nsfw_meta(ddf, column="nope")
+
+
 def test_no_embedding_column_fails_when_scored_with_one_line() -> None:
     """A collection that really has no embedding column: the graph builds (its meta cannot tell),
     and scoring a partition raises the one-line EmbeddingColumnError naming the columns."""
