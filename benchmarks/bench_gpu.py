@@ -32,7 +32,10 @@ Sections (``--sections``, in this order by default):
 
 Without a CUDA device every GPU section is recorded as ``{"status": "skipped", "reason": "no
 CUDA device"}`` and the job section times only the CPU job: that is how its CPU parts are tested
-(``tests/test_bench_gpu.py``).  ``--dry-run`` writes the plan and does nothing else.
+(``tests/test_bench_gpu.py``).  ``--device cpu`` runs the parity and kernel sections' code on
+the CPU, on as few rows as asked (``--parity-rows``, ``--kernel-rows``, ``--sgemm-n``): a smoke
+test of that code against the current API, whose figures mean nothing.  ``--dry-run`` writes the
+plan and does nothing else.
 
 Uses only the public API (``score_nsfw``, ``nsfw_dask.scoring.score_tensor``, ``load_model``, the
 CLI), so changes to the forward pass and the job's pipeline keep it working.
@@ -230,12 +233,14 @@ def section_parity(args: argparse.Namespace) -> dict[str, Any]:
     ref_dir = _reference_dir(args.reference)
     with np.load(ref_dir / "l14_reference.npz") as d:
         x, nemo = d["inputs"].astype(np.float32), d["nemo_scores"]
+    if args.parity_rows:
+        x, nemo = x[: args.parity_rows], nemo[: args.parity_rows]
     n = len(x)
-    dev = torch.device("cuda", 0)
+    dev = torch.device(args.device)
     head = load_model("vit-l-14", device=dev)
     xg = torch.from_numpy(x).to(dev)
 
-    res: dict[str, Any] = {"rows": n, "reference": str(ref_dir), "tolerance": TOL}
+    res: dict[str, Any] = {"device": str(dev), "rows": n, "reference": str(ref_dir), "tolerance": TOL}
     # 1. batch sizes, score_tensor, device-resident float32
     whole = score_tensor(head, xg, batch_size=n, device=dev).cpu().numpy()
     per_bs = {}
@@ -248,11 +253,11 @@ def section_parity(args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. partitionings, score_nsfw on pandas partitions staged to the GPU (default batch size)
     frame = _arrow_frame(x, pd.Index(np.arange(n) * 3 + 7))
-    gpu_whole = score_nsfw(frame, device="cuda")["nsfw_score"].to_numpy()
+    gpu_whole = score_nsfw(frame, device=dev)["nsfw_score"].to_numpy()
     parts = {}
     for how in (1, 3, 17, "uneven"):
         got = np.concatenate(
-            [score_nsfw(frame.iloc[a:b], device="cuda")["nsfw_score"].to_numpy() for a, b in _cuts(n, how)]
+            [score_nsfw(frame.iloc[a:b], device=dev)["nsfw_score"].to_numpy() for a, b in _cuts(n, how)]
         )
         parts[str(how)] = {
             "bitwise_equal_to_whole": bitwise(got, gpu_whole),
@@ -318,10 +323,10 @@ def section_kernel(args: argparse.Namespace) -> dict[str, Any]:
     from nsfw_dask.scoring import score_tensor
 
     _tf32_off()
-    dev = torch.device("cuda", 0)
-    res: dict[str, Any] = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    dev = torch.device(args.device)
+    res: dict[str, Any] = {"device": str(dev), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
     # L_gpu: fp32 sgemm, TF32 off
-    m = 8192
+    m = args.sgemm_n
     a = torch.randn(m, m, device=dev)
     b = torch.randn(m, m, device=dev)
     ts = timed(lambda: torch.mm(a, b), max(5, args.repeats))
@@ -359,10 +364,11 @@ def section_kernel(args: argparse.Namespace) -> dict[str, Any]:
     rows = min(n, args.partition_rows)
     host = x[:rows].cpu().numpy()
     del x
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     frame = _arrow_frame(host)
     try:
-        t = timed(lambda: score_nsfw(frame, device="cuda"), max(2, args.repeats // 2))
+        t = timed(lambda: score_nsfw(frame, device=dev), max(2, args.repeats // 2))
         res["score_nsfw_pandas_staged"] = {"rows": rows, "rows_per_s": rows / statistics.median(t), "seconds": t}
     except Exception as e:  # noqa: BLE001
         res["score_nsfw_pandas_staged"] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
@@ -628,6 +634,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", help="JSON of earlier calls to merge (and to update): sections not run now are kept")
     p.add_argument("--dry-run", action="store_true", help="write the plan to bench_gpu.json and exit")
     p.add_argument("--reference", help="folder with l14_reference.npz (default $NSFW_DASK_REFERENCE_DIR, ../shared)")
+    p.add_argument(
+        "--device",
+        default="cuda:0",
+        help="where parity and kernel run; 'cpu' only smoke-tests their code (its figures mean nothing)",
+    )
+    p.add_argument("--sgemm-n", type=int, default=8192, help="the sgemm behind L_gpu is n x n x n")
+    p.add_argument("--parity-rows", type=int, help="parity on the first N reference rows (default: all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-rows", type=int, default=4 << 20)
     p.add_argument("--kernel-batch-sizes", type=int, nargs="+", default=[32768, 262144, 1 << 20, 4 << 20])
@@ -672,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in sections:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
-        if name in GPU_SECTIONS and not cuda_available():
+        on_cpu = name in ("parity", "kernel") and args.device == "cpu"  # a smoke test of their code
+        if name in GPU_SECTIONS and not cuda_available() and not on_cpu:
             rec: dict[str, Any] = dict(NO_CUDA)
         else:
             try:

@@ -134,6 +134,33 @@ def test_cpu_only_run_times_the_cpu_job_and_records_no_cuda(tmp_path: Path) -> N
     assert merged["last_call"]["sections"] == ["env"]
 
 
+@pytest.mark.weights
+def test_parity_and_kernel_code_runs_on_cpu(tmp_path: Path) -> None:
+    """``--device cpu``: the parity and kernel sections' code against today's public API
+    (``score_tensor``, ``score_nsfw``, ``load_model``), on a few rows; the figures mean nothing
+    here, the structure and the parity verdicts do (on one CPU thread count, bitwise holds)."""
+    args = ["--out", str(tmp_path), "--sections", "parity,kernel", "--device", "cpu", "--parity-rows", "300"]
+    args += ["--sgemm-n", "128", "--kernel-rows", "3000", "--kernel-batch-sizes", "1024", "3000"]
+    args += ["--partition-rows", "2000", "--repeats", "1"]
+    proc = _run_bench(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sections = json.loads((tmp_path / "bench_gpu.json").read_text())["sections"]
+    parity, kernel = sections["parity"], sections["kernel"]
+    assert parity["status"] == "ok" and parity["device"] == "cpu" and parity["rows"] == 300, parity
+    assert set(parity["batch_sizes"]) == {"1", "7", "256", "1024", "4096", "32768"}
+    assert set(parity["pandas_partitionings"]) == {"1", "3", "17", "uneven"}
+    assert parity["within_tolerance"] is True, parity["max_diff"]
+    assert parity["bitwise_across_batch_sizes_and_partitionings"] is True
+    assert kernel["status"] == "ok" and kernel["flop_per_row"] == 426_496
+    assert set(kernel["score_tensor"]) == {
+        "float32/batch_1024",
+        "float32/batch_3000",
+        "float16/batch_1024",
+        "float16/batch_3000",
+    }
+    assert kernel["score_nsfw_pandas_staged"]["rows"] == 2000
+
+
 def test_generated_parquet_npy_is_laion_shaped(tmp_path: Path) -> None:
     import numpy as np
     import pyarrow.parquet as pq
