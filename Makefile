@@ -7,9 +7,10 @@ TORCH  ?= torch==2.13.0+cpu
 PIP_EXTRA ?=
 EXTRAS ?= test
 WEIGHTS ?= $(if $(NSFW_DASK_MODEL_DIR),$(NSFW_DASK_MODEL_DIR),$(abspath ../shared/weights))
+REFERENCE ?= $(if $(NSFW_DASK_REFERENCE_DIR),$(NSFW_DASK_REFERENCE_DIR),$(abspath ../shared/reference))
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint test-all demo bench bench-quick bench-job gpu-api-check clean
+.PHONY: setup test lint test-all demo bench bench-quick bench-job gpu-api-check gpu-kit clean
 
 setup: $(VENV)/.installed
 
@@ -44,12 +45,27 @@ bench-quick: setup
 bench-job: setup
 	NSFW_DASK_MODEL_DIR="$(WEIGHTS)" $(BIN)/python benchmarks/bench_job.py --out results
 
-## checks the installed cuDF/CuPy/dask-cuda API on CPU (installs the ~5 GB GPU extra into .venv-gpu)
+## checks the installed cuDF/CuPy/dask-cuda API on CPU (installs the ~5 GB GPU extra into .venv-gpu).
+## The venv is made anew each time and resolved as a user's `pip install "nsfw-dask[gpu-cu13]"` is
+## (a current pip, nothing pinned beyond pyproject.toml), so a release that breaks `import cudf` shows
+## up here; check-resolution resolves the same for Python 3.12 (the GPU machines'; numpy 2.5 needs it).
+GPU_EXTRA ?= gpu-cu13
 gpu-api-check:
+	rm -rf .venv-gpu
 	$(PYTHON) -m venv .venv-gpu
-	.venv-gpu/bin/python -m pip install -q "$(TORCH)"
-	.venv-gpu/bin/python -m pip install -q -e ".[test,gpu-cu12]"
-	.venv-gpu/bin/python -m pytest -m gpu_api tests/test_gpu_api.py -v
+	.venv-gpu/bin/python -m pip install -q -U pip
+	.venv-gpu/bin/python -m pip install -q $(PIP_EXTRA) "$(TORCH)"
+	.venv-gpu/bin/python -m pip install -q -e ".[test,$(GPU_EXTRA)]"
+	.venv-gpu/bin/python -c "import numpy, cudf, dask_cudf, dask_cuda; print('fresh install imports cudf', cudf.__version__, 'with numpy', numpy.__version__)"
+	.venv-gpu/bin/python benchmarks/gpu_kit/kit.py check-resolution --extra $(GPU_EXTRA) --python-version 3.12 --show-unbounded
+	.venv-gpu/bin/python -m pytest -p no:cacheprovider -m gpu_api tests/test_gpu_api.py -v
+
+## everything a GPU machine without network needs for benchmarks/bench_gpu.py: the pinned wheels
+## (benchmarks/gpu_kit/wheels.txt, downloaded once), the weights and reference files, cut into
+## pieces of <= 60 MiB in gpu-kit/01, gpu-kit/02, ... (git-ignored); see benchmarks/gpu_kit/README.md
+gpu-kit:
+	$(PYTHON) benchmarks/gpu_kit/kit.py build --out gpu-kit \
+		--weights "$(WEIGHTS)" --reference "$(REFERENCE)"
 
 clean:
-	rm -rf $(VENV) .venv-gpu results *.egg-info
+	rm -rf $(VENV) .venv-gpu results gpu-kit *.egg-info

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from ._common import choose_column, element_type_error, label_repr, length_error
+from ._common import choose_column, element_type_error, label_repr, length_error, meta_inference_column
 from .dispatch import Segment, backend_dispatch
 from .exceptions import EmbeddingColumnError, EmbeddingFormatError
 from .models import ModelSpec
@@ -43,6 +43,29 @@ def _is_float_list_dtype(dtype: Any) -> bool:
         return False
     t = dtype.pyarrow_dtype
     return _is_list_type(t) and pa.types.is_floating(t.value_type)
+
+
+def _describe_arrow(t: pa.DataType) -> str:
+    if _is_list_type(t):
+        if pa.types.is_fixed_size_list(t):
+            return f"fixed_size_list<{_describe_arrow(t.value_type)}>[{t.list_size}]"
+        kind = "large_list" if pa.types.is_large_list(t) else "list"
+        return f"{kind}<{_describe_arrow(t.value_type)}>"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    if pa.types.is_floating(t) or pa.types.is_integer(t):
+        return np.dtype(t.to_pandas_dtype()).name
+    return str(t)
+
+
+def describe_dtype(dtype: Any) -> str:
+    """A dtype as :func:`nsfw_dask._common.meta_inference_column` reads it: ``"list<float32>"``,
+    ``"fixed_size_list<float16>[768]"``, ``"list<int64>"``, ``"str"``, ``"object"``, ``"int64"``."""
+    if isinstance(dtype, pd.ArrowDtype):
+        return _describe_arrow(dtype.pyarrow_dtype)
+    if isinstance(dtype, pd.StringDtype):
+        return "str"
+    return str(dtype)
 
 
 def _is_null(v: Any) -> bool:
@@ -82,13 +105,15 @@ class PandasBackend:
     def resolve_column(self, df: pd.DataFrame, column: Any, *, schema_only: bool) -> Any:
         _check_unique(df, column)
         dtypes = df.dtypes
+        if schema_only and column is None:  # dask's fake partition: names and dtypes only
+            return meta_inference_column((c, describe_dtype(d)) for c, d in dtypes.items())
 
         def is_candidate(c: Any) -> bool | None:
             d = dtypes[c]
             if _is_float_list_dtype(d):
                 return True
             if d == object:  # noqa: E721 (a dtype equality: numpy's object dtype, not a type check)
-                return None if schema_only else _looks_like_vector(_first_valid(df[c]))
+                return _looks_like_vector(_first_valid(df[c]))
             return False
 
         return choose_column(df, column, is_candidate=is_candidate, describe=dtypes.items())

@@ -39,7 +39,7 @@ import cupy as cp
 import numpy as np
 import torch
 
-from ._common import choose_column, length_error
+from ._common import choose_column, length_error, meta_inference_column
 from .dispatch import Segment, backend_dispatch
 from .exceptions import EmbeddingColumnError, EmbeddingFormatError
 from .models import ModelSpec
@@ -72,6 +72,19 @@ def _is_string_list_dtype(dtype: Any) -> bool:
     return isinstance(dtype, cudf.ListDtype) and bool(cudf.api.types.is_string_dtype(dtype.element_type))
 
 
+def describe_dtype(dtype: Any) -> str:
+    """A dtype as :func:`nsfw_dask._common.meta_inference_column` reads it: ``"list<float32>"``,
+    ``"list<int64>"``, ``"list<list<float32>>"``, ``"str"``, ``"int64"``."""
+    if isinstance(dtype, cudf.ListDtype):
+        return f"list<{describe_dtype(dtype.element_type)}>"
+    if cudf.api.types.is_string_dtype(dtype):
+        return "str"
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
 def _remember_device(df: Any, device: torch.device) -> None:
     try:
         _last.frame = weakref.ref(df)
@@ -92,12 +105,16 @@ class CudfBackend:
 
     def resolve_column(self, df: cudf.DataFrame, column: Any, *, schema_only: bool) -> Any:
         dtypes = df.dtypes
+        if schema_only and column is None:
+            # dask_cudf's fake partition: a list column may hold integer leaves, or arrive as
+            # strings (parquet under the cudf backend); the real partition decides
+            return meta_inference_column((c, describe_dtype(d)) for c, d in dtypes.items())
         try:
             return choose_column(
                 df,
                 column,
                 is_candidate=lambda c: _is_float_list_dtype(dtypes[c]),
-                describe=dtypes.items(),
+                describe=((c, describe_dtype(d)) for c, d in dtypes.items()),
             )
         except EmbeddingColumnError as e:
             kinds = [d for _, d in dtypes.items()]

@@ -267,8 +267,8 @@ def score_nsfw(
         raise TypeError(f"Expected exact to be True or False but got {exact!r}")
     backend = get_backend(df)
     schema_only = _in_dask_meta_inference()
-    col = backend.resolve_column(df, column, schema_only=schema_only)
-    if score_column == col:
+    col = backend.resolve_column(df, column, schema_only=schema_only)  # None: undecided on dask's fake partition
+    if col is not None and score_column == col:
         raise ValueError(f"score_column {score_column!r} is the embedding column; choose another name.")
     n = len(df)
     if n == 0 or schema_only:
@@ -378,8 +378,15 @@ def nsfw_meta(frame: Any, *, column: Any = None, score_column: Any = "nsfw_score
     """
     from ._compat import collection_meta
 
-    meta = collection_meta(frame)
-    return score_nsfw(meta.iloc[:0], column=column, score_column=score_column)
+    empty = collection_meta(frame).iloc[:0]
+    # a schema, like dask's fake partition: a collection's meta may describe the embedding
+    # column as something else (dask_cudf's parquet meta: strings), so names and dtypes decide
+    # only what they can (see _common.meta_inference_column); the partitions decide the rest
+    backend = get_backend(empty)
+    col = backend.resolve_column(empty, column, schema_only=True)
+    if col is not None and score_column == col:
+        raise ValueError(f"score_column {score_column!r} is the embedding column; choose another name.")
+    return backend.attach(empty, score_column, None)
 
 
 def score(ddf: Any, **kwargs: Any) -> Any:

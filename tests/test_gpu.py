@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 import torch
 
@@ -351,14 +352,19 @@ def test_dask_cudf_map_partitions_without_meta(cudf: Any, l14_ref: dict[str, np.
         assert isinstance(scored._meta, cudf.DataFrame)
         assert list(scored._meta.columns) == ["id", "emb", "nsfw_score"]
         assert scored._meta["nsfw_score"].dtype == np.dtype("float32")
-        assert scored._meta["emb"].dtype == df["emb"].dtype
+        # scored._meta["emb"] is whatever dask_cudf's fake partition held (on the first GPU run its
+        # leaves were not float): printed, not asserted; nsfw_meta keeps the collection's own dtype
+        print("meta inferred from dask_cudf's fake partition:", dict(scored._meta.dtypes))
         assert isinstance(meta, cudf.DataFrame) and len(meta) == 0
         assert list(meta.columns) == list(scored._meta.columns)
-        assert dict(meta.dtypes) == dict(scored._meta.dtypes)
+        assert meta["emb"].dtype == df["emb"].dtype
 
-        for result in (scored, explicit, via_score):
+        repartitioned = ddf.repartition(npartitions=3).map_partitions(score_nsfw)
+        persisted = ddf.persist(scheduler="sync").map_partitions(score_nsfw)
+        for result in (scored, explicit, via_score, repartitioned, persisted):
             res = result.compute(scheduler="sync")
             assert isinstance(res, cudf.DataFrame)
+            assert res["emb"].dtype == df["emb"].dtype
             assert list(res.columns) == list(single.columns)
             np.testing.assert_array_equal(res.index.to_numpy(), single.index.to_numpy())
             np.testing.assert_array_equal(_host(res["id"]), _host(single["id"]))
@@ -368,6 +374,66 @@ def test_dask_cudf_map_partitions_without_meta(cudf: Any, l14_ref: dict[str, np.
             )
     got = _host(single["nsfw_score"])
     assert np.isnan(got[[17, 250]]).all()
+
+
+@pytest.mark.parametrize("reader", ["read_parquet_embeddings", "dd.read_parquet"])
+def test_dask_cudf_parquet_frames_without_meta(
+    cudf: Any, tmp_path: Path, l14_ref: dict[str, np.ndarray], reader: str
+) -> None:
+    """Parquet read under the cudf backend: dask's fake partition describes the embedding column
+    as strings ('cat', 'dog'), and ``map_partitions(score_nsfw)`` still needs no ``meta=``; also
+    after ``repartition`` and ``persist``."""
+    import dask
+    import dask.dataframe as dd
+
+    from nsfw_dask.io import read_parquet_embeddings
+
+    pytest.importorskip("dask_cudf")
+    x = l14_ref["inputs"][:600]
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        rows = np.arange(i * 200, (i + 1) * 200)
+        arr = _arrow_lists(x[rows])
+        table = pa.table({"id": pa.array(rows), "url": pa.array([f"u{r}" for r in rows]), "embedding": arr})
+        pa.parquet.write_table(table, tmp_path / "in" / f"part{i}.parquet")
+    with dask.config.set({"dataframe.backend": "cudf"}):
+        if reader == "read_parquet_embeddings":
+            ddf = read_parquet_embeddings(str(tmp_path / "in"))
+        else:
+            ddf = dd.read_parquet(str(tmp_path / "in"))
+        assert isinstance(ddf._meta, cudf.DataFrame)
+        frames = {
+            "as read": ddf.map_partitions(score_nsfw),
+            "repartitioned": ddf.repartition(npartitions=2).map_partitions(score_nsfw),
+            "persisted": ddf.persist(scheduler="sync").map_partitions(score_nsfw),
+            "score(ddf)": nsfw_dask.score(ddf),  # meta from the collection's meta: the same rule
+        }
+        for what, scored in frames.items():
+            assert list(scored.columns) == ["id", "url", "embedding", "nsfw_score"], what
+            assert scored._meta["nsfw_score"].dtype == np.dtype("float32"), what
+            res = scored.compute(scheduler="sync").to_pandas().sort_values("id")
+            assert res["id"].tolist() == list(range(600)), what
+            assert res["url"].tolist() == [f"u{r}" for r in range(600)], what
+            np.testing.assert_allclose(
+                res["nsfw_score"].to_numpy(), l14_ref["nemo_scores"][:600], rtol=0, atol=1e-5, err_msg=what
+            )
+
+
+def test_dask_cudf_frame_without_embeddings_fails_when_scored(cudf: Any) -> None:
+    """No embedding column at all: the graph builds (dask_cudf's meta cannot tell), and the
+    partition's one-line EmbeddingColumnError names the columns when it is scored."""
+    import dask
+
+    from nsfw_dask import EmbeddingColumnError
+
+    dask_cudf = pytest.importorskip("dask_cudf")
+    df = cudf.DataFrame({"id": np.arange(6), "tags": cudf.Series([[1, 2]] * 6, dtype=cudf.ListDtype("int64"))})
+    with dask.config.set({"dataframe.backend": "cudf"}):
+        scored = dask_cudf.from_cudf(df, npartitions=2).map_partitions(score_nsfw)
+        with pytest.raises(EmbeddingColumnError) as info:
+            scored.compute(scheduler="sync")
+    msg = str(info.value)
+    assert "No column of float lists" in msg and "'tags': list<int64>" in msg and "\n" not in msg.strip()
 
 
 # ----------------------------------------------------------------------------- (g, h) CPU vs GPU

@@ -14,6 +14,7 @@ import inspect
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,42 @@ def _run_python(code: str) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+# -- a fresh install imports cuDF ---------------------------------------------------------------
+
+
+def test_fresh_install_imports_cudf() -> None:
+    """``import cudf`` in a fresh interpreter, with the numpy this install resolved."""
+    _run_python("""
+        import numpy, cudf, dask_cudf, dask_cuda
+        print(cudf.__version__, numpy.__version__)
+    """)
+
+
+def test_numba_cuda_needs_the_numpy_the_gpu_extras_allow() -> None:
+    """Why the GPU extras say ``numpy<2.5``: numba-cuda (``<0.31`` for cuDF 26.10) registers
+    ``np.row_stack`` when cuDF imports it, and numpy 2.5 removed that name.  Checked here by
+    removing the name from this numpy (numpy 2.5 needs Python >= 3.12): ``import cudf`` then fails
+    as it did on the first GPU run.  When a numba-cuda without it is admitted, lift the bound."""
+    numba_cuda = pytest.importorskip("numba_cuda")
+    from importlib.metadata import version
+
+    src = Path(numba_cuda.__file__).parent / "numba" / "cuda" / "np" / "arrayobj.py"
+    registers = src.is_file() and "np.row_stack" in src.read_text()
+    if not registers:
+        pytest.skip(f"numba-cuda {version('numba-cuda')} no longer registers np.row_stack: numpy<2.5 can go")
+    assert hasattr(np, "row_stack"), (
+        f"numpy {np.__version__} has no row_stack but numba-cuda {version('numba-cuda')} registers it: "
+        "import cudf fails; the GPU extras must keep numpy<2.5"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", "import numpy; del numpy.row_stack; import cudf"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "row_stack" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
 
 
 # -- the package's own modules ------------------------------------------------------------------
@@ -239,6 +276,41 @@ def test_resolve_column_skips_non_float_list_columns(cudf: Any) -> None:
     assert CudfBackend().resolve_column(frame, None, schema_only=True) == "emb"
 
 
+def test_cudf_dtype_descriptions(cudf: Any) -> None:
+    """What ``meta_inference_column`` reads for cuDF dtypes (host-only dtypes, no device)."""
+    from nsfw_dask._cudf import describe_dtype
+
+    assert describe_dtype(cudf.ListDtype("float32")) == "list<float32>"
+    assert describe_dtype(cudf.ListDtype("float64")) == "list<float64>"
+    assert describe_dtype(cudf.ListDtype("int64")) == "list<int64>"
+    assert describe_dtype(cudf.ListDtype("str")) == "list<str>"
+    assert describe_dtype(cudf.ListDtype(cudf.ListDtype("float32"))) == "list<list<float32>>"
+    assert describe_dtype(cudf.dtype("str")) == "str", (cudf.dtype("str"), _version("cudf"))
+    assert describe_dtype(np.dtype("int64")) == "int64"
+
+
+@pytest.mark.parametrize(
+    "fake",
+    [
+        {"id": "int64", "emb": "list<int64>"},  # dask_cudf.from_cudf: the fake list's leaves were not float
+        {"id": "int64", "embedding": "str", "url": "str"},  # parquet under the cudf backend: strings
+    ],
+)
+def test_resolve_column_on_dask_cudf_fake_partitions(cudf: Any, fake: dict[str, str]) -> None:
+    """The fake partitions the first GPU run met: undecided during meta inference (no error);
+    the same schema on a real partition is the one-line "No column of float lists" error."""
+    from nsfw_dask._cudf import CudfBackend
+    from nsfw_dask.exceptions import EmbeddingColumnError
+
+    dtypes = {"int64": np.dtype("int64"), "str": cudf.dtype("str"), "list<int64>": cudf.ListDtype("int64")}
+    frame = _SchemaOnlyFrame({name: dtypes[kind] for name, kind in fake.items()})
+    assert CudfBackend().resolve_column(frame, None, schema_only=True) is None
+    with pytest.raises(EmbeddingColumnError, match="No column of float lists") as e:
+        CudfBackend().resolve_column(frame, None, schema_only=False)
+    for name, kind in fake.items():
+        assert f"{name!r}: {kind}" in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("element", ["int64", "str", "nested", "not-a-list"])
 def test_to_segments_rejects_non_float_lists(cudf: Any, element: str) -> None:
     """``column=`` naming a list column of non-floats: EmbeddingFormatError (a ValueError)
@@ -337,9 +409,10 @@ def test_cudf_series_from_cupy_keeps_nan(cudf: Any) -> None:
 
 
 def test_dask_cudf_nonempty_list_meta(cudf: Any) -> None:
-    """dask_cudf's fake partition for a list column: ``[[0, 1], [0, 1]]`` in the column's own
-    dtype.  The element type is kept (column resolution still finds list<float32>) and the rows
-    have 2 values, so the scorer must not read values during meta inference."""
+    """dask_cudf's fake partition for a list column: ``[[0, 1], [0, 1]]`` built for the column's
+    own dtype; rows of 2 values, so the scorer must not read values during meta inference.  (On
+    the first GPU run the fake column's leaves were not float all the same: ``score_nsfw`` relies
+    on neither the values nor the leaf type there, see ``nsfw_dask._common.meta_inference_column``.)"""
     pytest.importorskip("dask_cudf")
     import dask_cudf.backends as backends
     from dask.dataframe.dispatch import meta_nonempty
@@ -678,12 +751,15 @@ def test_half_float_hint_for_list_of_strings(cudf: Any) -> None:
     assert _is_string_list_dtype(cudf.ListDtype("str"))
     assert not _is_string_list_dtype(cudf.ListDtype("float32"))
     frame = _SchemaOnlyFrame({"id": np.dtype("int64"), "emb": cudf.ListDtype("str")})
-    with pytest.raises(EmbeddingColumnError) as e:
-        CudfBackend().resolve_column(frame, None, schema_only=True)
+    # dask's meta inference: undecided (a fake partition's list<str> may stand for anything)
+    assert CudfBackend().resolve_column(frame, None, schema_only=True) is None
+    with pytest.raises(EmbeddingColumnError) as e:  # a real partition: the hint
+        CudfBackend().resolve_column(frame, None, schema_only=False)
     assert "float16" in str(e.value) and "read_parquet_embeddings" in str(e.value)
     # a float list beside it is still found
     ok = _SchemaOnlyFrame({"tags": cudf.ListDtype("str"), "emb": cudf.ListDtype("float32")})
     assert CudfBackend().resolve_column(ok, None, schema_only=True) == "emb"
+    assert CudfBackend().resolve_column(ok, None, schema_only=False) == "emb"
     with pytest.raises(EmbeddingFormatError) as e2:
         CudfBackend().to_segments(frame, "emb", get_spec("vit-l-14"))
     msg = str(e2.value)

@@ -413,3 +413,22 @@ def test_read_embeddings_partitions_are_never_merged_under_the_cudf_backend(tmp_
         df = ddf.compute(scheduler="sync")
     assert df["embedding"].dtype.pyarrow_dtype == pa.list_(pa.float16(), 768)
     assert list(df.index) == list(range(30))
+
+
+# ----------------------------------------------------------------------------- the GPU extras
+
+
+@pytest.mark.parametrize("extra", ["gpu-cu12", "gpu-cu13"])
+def test_gpu_extras_keep_numpy_below_2_5(extra: str) -> None:
+    """numba-cuda <= 0.30.4 (the newest cuDF 26.10 admits) registers ``np.row_stack``, which
+    numpy 2.5 removed: ``import cudf`` raises AttributeError under numpy 2.5 (seen on the first GPU
+    run, Python 3.12).  Each GPU extra must keep a fresh install below it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    reqs = [Requirement(r) for r in pyproject["project"]["optional-dependencies"][extra]]
+    numpy = [r for r in reqs if r.name == "numpy"]
+    assert numpy, f"[{extra}] has no numpy bound: a fresh install resolves numpy 2.5 on Python 3.12"
+    assert all(not r.specifier.contains("2.5.0") for r in numpy), numpy
+    assert all(r.specifier.contains("2.4.6") for r in numpy), numpy  # the version the GPU run used
