@@ -33,14 +33,15 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import torch
 
 from .exact import CategoricalEncoding, ExactNSFWModel
-from .models import NSFWModel
+from .models import ModelSpec, NSFWModel
 
-__all__ = ["CUDA_BLOCK_ROWS", "MIN_ROWS", "ROW_BLOCK", "Runner", "get_runner", "release_buffers"]
+__all__ = ["CUDA_BLOCK_ROWS", "MIN_ROWS", "ROW_BLOCK", "HeadSet", "Runner", "get_runner", "release_buffers"]
 
 #: CPU: every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
 #: ``MIN_ROWS`` rows, the tail padded.  BLAS computes the rows of a GEMM in blocks; rows left
@@ -94,46 +95,113 @@ def _sigmoid_blocks_(h: torch.Tensor) -> None:
         h[i : i + SIGMOID_CHUNK].sigmoid_()
 
 
-class Runner:
-    """Buffers and folded, pre-transposed weights for one model on one device, in one thread."""
+class HeadSet:
+    """Several loaded heads scored together from one read of each batch (:func:`nsfw_dask.loading.load_heads`
+    caches one per set of heads, model and device, so its identity keys the per-thread runners)."""
 
-    def __init__(
-        self, model: NSFWModel | ExactNSFWModel, device: torch.device, *, impute_eagerly: bool | None = None
-    ) -> None:
-        # weak: the per-thread mapping is keyed by the model, and a strong reference from its
-        # value would keep the model (and these buffers) alive after ``clear_model_cache``
-        self._model = weakref.ref(model)
+    __slots__ = ("__weakref__", "models", "names")
+
+    def __init__(self, models: Sequence[torch.nn.Module], names: Sequence[str]) -> None:
+        self.models = tuple(models)
+        self.names = tuple(names)
+
+    def __repr__(self) -> str:
+        return f"HeadSet({', '.join(self.names)})"
+
+
+class _Foldable(Protocol):
+    def fold(self) -> tuple[torch.Tensor, float]: ...
+
+
+def _spec_of(m: torch.nn.Module) -> ModelSpec:
+    spec = getattr(m, "spec", None)
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"internal error: {type(m).__name__} has no ModelSpec")
+    return spec
+
+
+def _modules(models: Any) -> list[torch.nn.Module]:
+    if isinstance(models, HeadSet):
+        return list(models.models)
+    if isinstance(models, torch.nn.Module):
+        return [models]
+    return list(models)
+
+
+class Runner:
+    """Buffers and folded, pre-transposed weights for a set of heads on one device, in one thread.
+
+    At most one NSFW head (NeMo's port or exact mode) and any number of linear heads (the aesthetic
+    predictors, folded to one dot product each).  Every batch is read and prepared once: cast into
+    the block buffer, each row's norm taken while it is in cache, the linear heads scored from it
+    (one small GEMM), then the NSFW head's forward on the same buffer.
+    """
+
+    def __init__(self, models: Any, device: torch.device, *, impute_eagerly: bool | None = None) -> None:
+        from .heads import HEADS
+
+        mods = _modules(models)
+        # weak: the per-thread mapping is keyed by the model (or head set), and a strong reference
+        # from its value would keep the models (and these buffers) alive after ``clear_model_cache``
+        self._models = [weakref.ref(m) for m in mods]
+        self.n_out = len(mods)
+        nsfw = [(i, m) for i, m in enumerate(mods) if isinstance(m, (NSFWModel, ExactNSFWModel))]
+        lin = [(i, m) for i, m in enumerate(mods) if (i, m) not in nsfw]
+        if len(nsfw) > 1 or any(not callable(getattr(m, "fold", None)) for _, m in lin):
+            raise TypeError(f"internal error: cannot score {[type(m).__name__ for m in mods]} together")
+        specs = [_spec_of(m) for m in mods]
+        dims = {sp.dim for sp in specs}
+        if len(dims) != 1:
+            raise ValueError(f"heads of different embedding widths cannot share a batch: {sorted(dims)}")
+        self.dim = dims.pop()
+        self.device = device
+        self.dtype = next(iter(mods[0].parameters())).dtype
         self.encoding: CategoricalEncoding | None = None
         # Exact mode's NaN -> 0: on CUDA an extra elementwise pass on every batch (no host sync);
         # on CPU only for the rows whose score came out NaN (a NaN input always gives a NaN
         # score), recomputed by a second runner that imputes: no pass over clean data.
         self.impute_eagerly = device.type != "cpu" if impute_eagerly is None else impute_eagerly
         self._imputer: Runner | None = None
-        if isinstance(model, ExactNSFWModel):
-            self.encoding = model.encoding.to(device)
-            model = model.head
-        p = next(model.parameters())
-        self.dtype, self.device = p.dtype, device
+        self.nsfw_pos: int | None = nsfw[0][0] if nsfw else None
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.inference_mode():
-            w1_t, mean = _fold_first_layer(model)
-            self.mean = mean.to(device)
-            self.layers = [(w1_t.to(device), model.get_parameter("linear_1.bias").to(device))] + [
-                (
-                    getattr(model, f"linear_{i}").weight.t().contiguous().to(device),
-                    getattr(model, f"linear_{i}").bias.to(device),
+            if nsfw:
+                model = nsfw[0][1]
+                if isinstance(model, ExactNSFWModel):
+                    self.encoding = model.encoding.to(device)
+                    model = model.head
+                w1_t, mean = _fold_first_layer(model)
+                self.mean = mean.to(device)
+                self.layers = [(w1_t.to(device), model.get_parameter("linear_1.bias").to(device))] + [
+                    (
+                        getattr(model, f"linear_{i}").weight.t().contiguous().to(device),
+                        getattr(model, f"linear_{i}").bias.to(device),
+                    )
+                    for i in range(2, model.n_linear + 1)
+                ]
+                if self.encoding is not None:
+                    self.cat_mean = self.mean[self.encoding.columns]
+            # The linear heads: each one affine map (folded in float64, rounded once), all of them
+            # one (dim, k) GEMM per batch on the prepared block.
+            self.lin_pos = [i for i, _ in lin]
+            self.lin_w: torch.Tensor | None = None
+            if lin:
+                folded = [cast(_Foldable, m).fold() for _, m in lin]
+                self.lin_w = torch.stack([w for w, _ in folded], dim=1).to(self.dtype).contiguous().to(device)
+                self.lin_b = torch.tensor([b for _, b in folded], dtype=torch.float64).to(self.dtype).to(device)
+                # a zero vector: upstream v2 replaces the zero norm by 1 (its score is the bias),
+                # v1 divides by it (0/0: NaN)
+                self.lin_zero_to_one = torch.tensor(
+                    [HEADS[_spec_of(m).head].zero_norm == "bias" for _, m in lin], device=device
                 )
-                for i in range(2, model.n_linear + 1)
-            ]
-        self.dim = self.mean.shape[0]
-        if self.encoding is not None:
-            self.cat_mean = self.mean[self.encoding.columns]
         # CUDA: one forward shape for every pass (``CUDA_BLOCK_ROWS``); CPU: whole 64-row blocks
         self.block = CUDA_BLOCK_ROWS if device.type == "cuda" else None
         self.capacity = 0
         self.x_in: torch.Tensor | None = None
-        # the centered batch and each layer's output; allocated by ``_reserve``
+        # the prepared batch, each NSFW layer's output and the linear heads' dot products
         self.x_norm: torch.Tensor | None = None
         self.hidden: list[torch.Tensor] | None = None
+        self.lin_out: torch.Tensor | None = None
         # Host -> CUDA staging (a pandas partition scored with device="cuda"): two pinned buffers
         # used in turn, so the memcpy of batch i+1 into one overlaps the GPU's work on batch i;
         # a float16/float64 batch lands in a device buffer of its own dtype (``_staged``) and is
@@ -155,6 +223,7 @@ class Runner:
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.x_norm = torch.empty(n, self.dim, **kw)
         self.hidden = [torch.empty(n, w.shape[1], **kw) for w, _ in self.layers]
+        self.lin_out = None if self.lin_w is None else torch.empty(n, self.lin_w.shape[1], **kw)
         self.x_in = None  # allocated only if a batch is staged from the host
         self._pinned = [None, None]  # a copy still reading the old ones keeps them (torch's host allocator)
         self._pinned_done = [None, None]
@@ -172,7 +241,7 @@ class Runner:
             torch.cuda.current_stream(self.device).synchronize()
         self.capacity = 0
         self.x_in = None
-        self.x_norm = self.hidden = None
+        self.x_norm = self.hidden = self.lin_out = None
         self._pinned = [None, None]
         self._pinned_done = [None, None]
         self._staged = None
@@ -237,29 +306,34 @@ class Runner:
     def __call__(
         self,
         x: torch.Tensor,
-        out: torch.Tensor,
+        out: torch.Tensor | Sequence[torch.Tensor],
         codes: torch.Tensor | None = None,
         *,
         norms: torch.Tensor | None = None,
         normalize: bool = False,
     ) -> None:
-        """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out`` (``(n,)``).
+        """Score ``x`` (``(n, dim)``, any float dtype/device) into ``out``: one ``(n,)`` tensor
+        per head, in the runner's order (a single tensor for a single head).
 
         ``codes``: exact mode's ``self.codes(x)``, if already computed.  ``norms``: an ``(n,)``
         float32 tensor on ``self.device`` that receives each row's L2 norm (computed from the
-        batch while it is in cache).  ``normalize``: score ``x / ||x||`` (a zero row gets NaN).
+        batch while it is in cache).  ``normalize``: the NSFW head scores ``x / ||x||`` (a zero row
+        gets NaN); the linear heads always normalise, as their upstream code does.
         """
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        if len(outs) != self.n_out:
+            raise TypeError(f"internal error: {len(outs)} outputs for {self.n_out} heads")
         n = x.shape[0]
         if n == 0:
             return
         if self.block is not None and n > self.block:  # CUDA: one block per forward pass
-            b = self.block
-            for i in range(0, n, b):
+            blk = self.block
+            for i in range(0, n, blk):
                 self(
-                    x[i : i + b],
-                    out[i : i + b],
-                    None if codes is None else codes[i : i + b],
-                    norms=None if norms is None else norms[i : i + b],
+                    x[i : i + blk],
+                    [o[i : i + blk] for o in outs],
+                    None if codes is None else codes[i : i + blk],
+                    norms=None if norms is None else norms[i : i + blk],
                     normalize=normalize,
                 )
             return
@@ -272,30 +346,41 @@ class Runner:
             x = self._stage_to_cuda(x, n)
         h = x_norm[:m]
         enc = self.encoding
+        nsfw = self.nsfw_pos is not None
         eager = enc is not None and self.impute_eagerly
-        need_norms = norms is not None or normalize
-        if x.dtype == self.dtype and not eager and not need_norms:
+        need_norms = norms is not None or (normalize and nsfw) or self.lin_w is not None
+        if nsfw and self.lin_w is None and x.dtype == self.dtype and not eager and not need_norms:
             torch.sub(x, self.mean, out=h[:n])  # one pass: read the batch, write it centered
+            if m > n:
+                h[n:m].zero_()  # padding rows: finite, never read back
         else:
             # cast (or copy) into the block buffer first: torch's mixed-dtype ``sub`` is a slow
-            # scalar path on CPU, and the norms are then taken from the buffer while it is in cache
+            # scalar path on CPU, and the norms and linear heads then read the buffer in cache
             hn = h[:n].copy_(x)
-            if eager:  # exact mode: NaN -> 0 (+-inf kept)
-                torch.nan_to_num(hn, nan=0.0, posinf=math.inf, neginf=-math.inf, out=hn)
-            if need_norms:
+            if m > n:
+                h[n:m].zero_()
+            nrm = None
+            if need_norms:  # of the row as given (NaN for a row with a NaN)
                 if norms is not None and norms.dtype == self.dtype and norms.device == self.device:
                     nrm = torch.linalg.vector_norm(hn, dim=1, out=norms)
                 else:
                     nrm = torch.linalg.vector_norm(hn, dim=1)
                     if norms is not None:
                         norms.copy_(nrm)
+            if self.lin_w is not None:
+                assert nrm is not None
+                self._linear_heads(h, nrm, n, m, outs)
+            if nsfw:
+                if eager:  # exact mode: NaN -> 0 (+-inf kept)
+                    torch.nan_to_num(hn, nan=0.0, posinf=math.inf, neginf=-math.inf, out=hn)
                 if normalize:
+                    assert nrm is not None
                     hn.div_(nrm.unsqueeze(1))  # a zero row: 0/0 = NaN everywhere, so a NaN score
                     if enc is not None:  # exact mode looks up the values it scores
                         codes = enc.codes(hn)
-            hn.sub_(self.mean)
-        if m > n:
-            h[n:m].zero_()  # padding rows: finite (the mean itself), never read back
+                hn.sub_(self.mean)
+        if not nsfw:
+            return
         if enc is not None:  # the categorical columns: their vocabulary indices, centered
             if codes is None:
                 codes = enc.codes(src)
@@ -307,13 +392,15 @@ class Runner:
             if i < last:
                 h.relu_()
         _sigmoid_blocks_(h.view(-1))
+        assert self.nsfw_pos is not None
+        out = outs[self.nsfw_pos]
         out.copy_(h.view(-1)[:n])
         if enc is not None and not self.impute_eagerly:
             nan = torch.isnan(out)
             if bool(nan.any()):  # rows with a NaN input: again, imputing (or NaN/inf for real)
                 rows = nan.nonzero().view(-1)
                 if self._imputer is None:
-                    model = self._model()
+                    model = self._models[self.nsfw_pos]()
                     if model is None:  # pragma: no cover - a caller holds the model while scoring
                         raise RuntimeError("internal error: the model of this runner was freed")
                     self._imputer = Runner(model, self.device, impute_eagerly=True)
@@ -323,9 +410,23 @@ class Runner:
                 )
                 out[rows] = fixed
 
+    def _linear_heads(self, h: torch.Tensor, nrm: torch.Tensor, n: int, m: int, outs: list[torch.Tensor]) -> None:
+        """The linear heads' scores ``(x . w) / ||x|| + b`` for the ``n`` rows of the block ``h``.
 
-def get_runner(model: NSFWModel | ExactNSFWModel, device: torch.device) -> Runner:
-    """This thread's runner for ``model`` on ``device``."""
+        One GEMM over the whole padded block (the same shape for any batch: the same kernel, the
+        same bits), then the division by the norm the head's upstream code normalises by.
+        """
+        assert self.lin_w is not None and self.lin_out is not None
+        dots = torch.mm(h, self.lin_w, out=self.lin_out[:m])[:n]
+        denom = nrm.unsqueeze(1).expand(n, dots.shape[1])
+        denom = torch.where((denom == 0) & self.lin_zero_to_one, torch.ones_like(denom), denom)
+        scores = dots / denom + self.lin_b
+        for j, pos in enumerate(self.lin_pos):
+            outs[pos].copy_(scores[:, j])
+
+
+def get_runner(model: NSFWModel | ExactNSFWModel | HeadSet | torch.nn.Module, device: torch.device) -> Runner:
+    """This thread's runner for ``model`` (one head, or a :class:`HeadSet`) on ``device``."""
     per_model = getattr(_tls, "runners", None)
     if per_model is None:
         per_model = _tls.runners = weakref.WeakKeyDictionary()

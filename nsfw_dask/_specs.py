@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MODEL_SPECS", "KerasSpec", "ModelSpec", "get_spec"]
+__all__ = ["HEAD_WEIGHT_SPECS", "MODEL_SPECS", "KerasSpec", "ModelSpec", "get_spec"]
 
 _LAION_COMMIT = "d499e9c87c68f1abf5418caef823c7b609714ca3"
 _LAION_RAW = f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_LAION_COMMIT}/models"
@@ -61,10 +61,29 @@ class ModelSpec:
     # :func:`nsfw_dask.weights.state_dict_digest`) of LAION's file: accepts the same weights
     # stored under other names or containers (``alias_paths``).
     content_digest: str = ""
+    # Which head these weights are (:mod:`nsfw_dask.heads`) and which module reads them:
+    # "nsfw" (Normalization + Linear/ReLU MLP + sigmoid), "mlp" (Linear layers, no activation:
+    # LAION's improved aesthetic predictor), "linear" (one nn.Linear: aesthetic v1).
+    head: str = "nsfw"
+    module: str = "nsfw"
+    # What the file is, for messages ("LAION's CLIP ViT-L/14 NSFW head"); default from clip_model.
+    title: str = ""
 
     @property
     def dim(self) -> int:
         return self.layers[0]
+
+    @property
+    def what(self) -> str:
+        return self.title or f"LAION's {self.clip_model} NSFW head"
+
+    @property
+    def fetch_command(self) -> str:
+        """The ``nsfw-dask fetch-weights`` command that gets this file."""
+        if self.head == "nsfw":
+            return f"nsfw-dask fetch-weights --model {self.name}"
+        clip = self.name.rsplit("-vit-", 1)[1]
+        return f"nsfw-dask fetch-weights --heads {self.head} --model vit-{clip}"
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {
@@ -108,6 +127,59 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
 }
 
+# LAION's aesthetic predictors (issue 22): the improved predictor ("aesthetic v2",
+# christophschuhmann/improved-aesthetic-predictor, Apache-2.0) and the v1 linear heads
+# (LAION-AI/aesthetic-predictor, MIT), pinned by commit.
+_AESTHETIC_V2_RAW = (
+    "https://raw.githubusercontent.com/christophschuhmann/improved-aesthetic-predictor/"
+    "6934dd81792f086e613a121dbce43082cb8be85e"
+)
+_AESTHETIC_V1_RAW = (
+    "https://raw.githubusercontent.com/LAION-AI/aesthetic-predictor/6d122adad522ab246644d9dc1c6d7a3810ee255f"
+)
+
+#: The other heads' weights, by name (``HEADS`` in :mod:`nsfw_dask.heads` says which CLIP model
+#: each serves).  Same machinery as :data:`MODEL_SPECS`: resolved, verified and cached alike.
+HEAD_WEIGHT_SPECS: dict[str, ModelSpec] = {
+    "aesthetic-vit-l-14": ModelSpec(
+        name="aesthetic-vit-l-14",
+        clip_model="CLIP ViT-L/14",
+        layers=(768, 1024, 128, 64, 16, 1),
+        filename="sac+logos+ava1-l14-linearMSE.pth",
+        url=f"{_AESTHETIC_V2_RAW}/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+        sha256="21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0",
+        model_id="ttj/sac-logos-ava1-l14-linearMSE",
+        content_digest="cfee2820c22136e3f247359bc007025bdeeb11f0ba26cc8a1abb750617e99d58",
+        head="aesthetic",
+        module="mlp",
+        title="LAION's improved aesthetic predictor (CLIP ViT-L/14)",
+    ),
+    "aesthetic-v1-vit-l-14": ModelSpec(
+        name="aesthetic-v1-vit-l-14",
+        clip_model="CLIP ViT-L/14",
+        layers=(768, 1),
+        filename="sa_0_4_vit_l_14_linear.pth",
+        url=f"{_AESTHETIC_V1_RAW}/sa_0_4_vit_l_14_linear.pth",
+        sha256="2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba",
+        content_digest="583166434fbf2d00681a8359fbcb48bea433d1d8fe6bd530ffbdd70b07ba4baa",
+        head="aesthetic-v1",
+        module="linear",
+        title="LAION's aesthetic predictor v1 (CLIP ViT-L/14)",
+    ),
+    "aesthetic-v1-vit-b-32": ModelSpec(
+        name="aesthetic-v1-vit-b-32",
+        clip_model="CLIP ViT-B/32",
+        layers=(512, 1),
+        filename="sa_0_4_vit_b_32_linear.pth",
+        url=f"{_AESTHETIC_V1_RAW}/sa_0_4_vit_b_32_linear.pth",
+        sha256="c7b14cead230694acc7b9447974d3cad78003c72da032e402a303b6c2429e85f",
+        content_digest="e6b9bd119e8742d8404da5527b28a3d6fb5b1ba9b7b6bb7b66162547939eb182",
+        head="aesthetic-v1",
+        module="linear",
+        title="LAION's aesthetic predictor v1 (CLIP ViT-B/32)",
+    ),
+}
+
 _ALIASES = {
     "vit-l-14": "vit-l-14",
     "vit-l/14": "vit-l-14",
@@ -121,10 +193,14 @@ _ALIASES = {
 
 
 def get_spec(model: str | ModelSpec) -> ModelSpec:
-    """Return the :class:`ModelSpec` for ``model`` (``"vit-l-14"`` or ``"vit-b-32"``)."""
+    """Return the :class:`ModelSpec` for ``model``: the NSFW head of ``"vit-l-14"`` or
+    ``"vit-b-32"``, or another head's weights by their name in :data:`HEAD_WEIGHT_SPECS`."""
     if isinstance(model, ModelSpec):
         return model
-    key = _ALIASES.get(str(model).strip().lower())
+    name = str(model).strip().lower()
+    if name in HEAD_WEIGHT_SPECS:
+        return HEAD_WEIGHT_SPECS[name]
+    key = _ALIASES.get(name)
     if key is None:
         raise ValueError(
             f"Expected model to be one of {sorted(MODEL_SPECS)} but got {model!r}; "
