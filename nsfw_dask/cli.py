@@ -474,6 +474,16 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"time             {s['seconds']:.1f} s in all, {s['compute_seconds']:.1f} s read+score+write "
         f"({s['rows_per_s']:,.0f} rows/s scored)"
     )
+    st = s.get("stages") or {}
+    if st.get("task_s"):
+        # where the tasks' time went, summed over the scored parts (docs/cli.md, "Summary")
+        names = ("read", "metadata", "score", "build", "write")
+        busy = st["task_s"] / (s["threads"] * s["compute_seconds"]) if s["threads"] and s["compute_seconds"] else 0
+        print(
+            "time per stage   "
+            + ", ".join(f"{n} {st.get(n + '_s', 0.0):.1f} s" for n in names)
+            + f"  (summed over the parts; {s['threads']} thread(s) on {s['workers']} worker(s), busy {100 * busy:.0f}%)"
+        )
     if s["nan_scores"]:
         print(f"NaN scores       {s['nan_scores']:,}  (null or non-finite embeddings)")
     q = s["quantiles"]

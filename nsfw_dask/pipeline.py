@@ -550,6 +550,8 @@ def score_dataset(
                 c.register_plugin(
                     NSFWModelPlugin(spec.name, device=device or "cpu", model_dir=opts.model_dir, exact=exact)
                 )
+                nthreads = c.nthreads()  # the most tasks in flight at once
+                summary.workers, summary.threads = len(nthreads), sum(nthreads.values())
             t_compute = time.perf_counter()
             bar = Progress(len(plan.parts), progress)
             done = len(reused)
