@@ -188,7 +188,12 @@ _cluster_options = _options(
         "--workers", type=POSITIVE_INT, default=None, metavar="N", help="worker processes of the embedded cluster"
     ),
     click.option(
-        "--threads-per-worker", type=POSITIVE_INT, default=None, metavar="N", help="threads per worker process"
+        "--threads-per-worker",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="threads per worker process, each scoring its own partition (--gpu: default "
+        "max(2, min(8, cores // GPUs)), several partitions per GPU at once)",
     ),
     click.option(
         "--scheduler",
@@ -199,8 +204,8 @@ _cluster_options = _options(
     click.option(
         "--gpu",
         is_flag=True,
-        help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read "
-        "with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])",
+        help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU, several threads each; "
+        "each partition is read with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])",
     ),
     click.option("--no-progress", is_flag=True, help="no progress bar"),
 )
