@@ -1,6 +1,7 @@
 """One task of the job, on a worker: read a partition, score it, build its output table, write
 the part and commit it (a local rename or one object-store upload), then verify it from its
-footer.  Only a few numbers per part go back to the client."""
+footer.  Only a few numbers per part go back to the client, among them the wall time of each
+stage (``summary.STAGES``, below)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,7 @@ from ._plan import ROW_NUMBER_COLUMN, Part, Plan, file_identity
 from ._version import __version__
 from .exceptions import EmbeddingFormatError, EmbeddingNormError, JobError
 from .io import is_local, show_path
-from .summary import encode_histogram, histogram
+from .summary import STAGES, encode_histogram, histogram
 
 __all__ = [
     "IS_NSFW_COLUMN",
@@ -63,7 +65,42 @@ class Options:
     norm_check: bool = True  # refuse a partition whose embeddings are clearly not unit length
 
 
-def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]:
+# The stages of a task whose wall times (seconds) it returns (``summary.STAGES``), disjoint and
+# in this order:
+#
+# * ``read_s``: the input files' identity check, then reading the embeddings (parquet input: the
+#   partition's row groups, every column, one read; parquet_npy: the ``.npy`` rows: on local disk
+#   only a memory map, whose pages are read later, by whatever first touches them: ``score_s``);
+# * ``metadata_s``: parquet_npy only, reading the metadata parquet's rows (0 for parquet input);
+# * ``score_s``: ``score_nsfw`` on the partition: on CUDA the host -> device staging, the GPU's
+#   work (and waiting for other threads' work on the same GPU) and the copy of the scores back;
+# * ``build_s``: the counts and histogram of the scores, the output table (columns, filter,
+#   footer metadata);
+# * ``write_s``: the parquet write, the checks before the commit (input files, lease), the
+#   commit and the read-back of the footer.
+#
+# ``task_s`` is their sum: the task's whole time on its worker thread.  Measured with
+# ``time.perf_counter`` around the stages: no device synchronization is added (the scores are
+# copied to the host in ``score_s`` anyway).
+
+
+class _Clock:
+    """Laps of one task: each ``lap(stage)`` adds the time since the previous lap to ``stage``."""
+
+    def __init__(self) -> None:
+        self.stages = dict.fromkeys(STAGES, 0.0)
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] += now - self._t
+        self._t = now
+
+    def result(self) -> dict[str, float]:
+        return {**self.stages, "task_s": sum(self.stages.values())}
+
+
+def _load(plan: Plan, part: Part, clock: _Clock | None = None) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]:
     """The part's other columns (an Arrow table) and its embedding column (an Arrow array)."""
     from . import io
 
@@ -75,12 +112,16 @@ def _load(plan: Plan, part: Part) -> tuple[pa.Table, pa.Array | pa.ChunkedArray]
             emb = emb.astype(emb.dtype.newbyteorder("="))
         values = pa.array(np.ascontiguousarray(emb).reshape(-1))  # a view of the memory map when local
         lists = pa.FixedSizeListArray.from_arrays(values, emb.shape[1])
+        if clock is not None:
+            clock.lap("read_s")
         table = io.read_parquet_rows(fs, part.source, part.start, part.stop)
         drop = [n for n in table.column_names if io.PANDAS_INDEX.fullmatch(n)]
         table = table.drop_columns(drop) if drop else table
         table = table.replace_schema_metadata(None)
         rows = pa.array(np.arange(part.offset + part.start, part.offset + part.stop, dtype=np.int64))
         table = table.add_column(0, ROW_NUMBER_COLUMN, rows)
+        if clock is not None:
+            clock.lap("metadata_s")
         return table, lists
     table = io.read_parquet_rows(fs, part.source, part.start, part.stop)
     col = table.column(plan.column)  # one chunk per row group: scored chunk by chunk, never combined
@@ -388,11 +429,14 @@ def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
 
     The part is committed only if the files it read are still the planned ones and the run still
     holds OUTPUT's lease.  Returns the part's numbers for the summary (a few hundred bytes after
-    compression).
+    compression), with the wall time of each of its stages (``STAGES``, plus their sum ``task_s``).
     """
+    clock = _Clock()
     check_inputs(plan, part)
-    table, emb = _load(plan, part)
+    table, emb = _load(plan, part, clock)
+    clock.lap("read_s")  # parquet input: all of the read (parquet_npy: nothing left, ~0)
     scores, norms = _score(plan, part, emb, opts) if part.rows else (np.zeros(0, np.float32),) * 2
+    clock.lap("score_s")
     norm = norm_stats(norms)
     _check_norms(plan, part, norm, opts)
     nan = np.isnan(scores)
@@ -406,6 +450,7 @@ def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
     }
     out = _output_table(plan, part, table, emb, scores, opts, stats)
     del table, emb
+    clock.lap("build_s")
 
     def before_commit() -> None:
         check_inputs(plan, part)
@@ -419,4 +464,12 @@ def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
             f"{show_path(plan.out_fs, plan.out_root + '/' + part.name)} was written with "
             f"{out.num_rows} rows but reads back as {rows}; the storage lost data. Rerun with --resume."
         )
-    return {"part": part.index, "rows": part.rows, "rows_written": rows, "reused": False, **stats}
+    clock.lap("write_s")
+    return {
+        "part": part.index,
+        "rows": part.rows,
+        "rows_written": rows,
+        "reused": False,
+        **stats,
+        "stages": clock.result(),
+    }

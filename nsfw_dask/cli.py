@@ -206,7 +206,12 @@ _cluster_options = _options(
         "--workers", type=POSITIVE_INT, default=None, metavar="N", help="worker processes of the embedded cluster"
     ),
     click.option(
-        "--threads-per-worker", type=POSITIVE_INT, default=None, metavar="N", help="threads per worker process"
+        "--threads-per-worker",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="threads per worker process, each scoring its own partition (--gpu: default "
+        "max(2, min(8, cores // GPUs)), several partitions per GPU at once)",
     ),
     click.option(
         "--scheduler",
@@ -224,8 +229,8 @@ _cluster_options = _options(
     click.option(
         "--gpu",
         is_flag=True,
-        help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU; each partition is read "
-        "with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])",
+        help="score on GPUs: an embedded LocalCUDACluster, one worker per GPU, several threads each; "
+        "each partition is read with pyarrow and scored on its worker's GPU (needs nsfw-dask[gpu-cu12|13])",
     ),
     click.option("--no-progress", is_flag=True, help="no progress bar"),
 )
@@ -513,6 +518,16 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"time             {s['seconds']:.1f} s in all, {s['compute_seconds']:.1f} s read+score+write "
         f"({s['rows_per_s']:,.0f} rows/s scored)"
     )
+    st = s.get("stages") or {}
+    if st.get("task_s"):
+        # where the tasks' time went, summed over the scored parts (docs/cli.md, "Summary")
+        names = ("read", "metadata", "score", "build", "write")
+        busy = st["task_s"] / (s["threads"] * s["compute_seconds"]) if s["threads"] and s["compute_seconds"] else 0
+        print(
+            "time per stage   "
+            + ", ".join(f"{n} {st.get(n + '_s', 0.0):.1f} s" for n in names)
+            + f"  (summed over the parts; {s['threads']} thread(s) on {s['workers']} worker(s), busy {100 * busy:.0f}%)"
+        )
     if s["nan_scores"]:
         print(f"NaN scores       {s['nan_scores']:,}  (null or non-finite embeddings)")
     q = s["quantiles"]

@@ -1,5 +1,5 @@
-"""The job's summary: counts and a fixed-bin histogram of the scores per part, reduced on the
-client; quantiles from that histogram; the progress line."""
+"""The job's summary: counts, a fixed-bin histogram of the scores and the stage times per part,
+reduced on the client; quantiles from that histogram; the progress line."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ __all__ = [
     "HIST_BINS",
     "Progress",
     "QUANTILES",
+    "STAGES",
     "Summary",
     "add_part",
     "decode_histogram",
@@ -34,6 +35,11 @@ HIST_BINS = 10_000  # summary quantiles are exact to 1 / HIST_BINS
 
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+#: The stages of a task (``nsfw_dask._task``, beside ``run_part``, says what each covers), disjoint
+#: and in this order; ``Summary.stages`` holds their seconds and their sum, ``task_s``.
+STAGES = ("read_s", "metadata_s", "score_s", "build_s", "write_s")
 
 
 @dataclass
@@ -56,6 +62,14 @@ class Summary:
     #: ``p50``, ``p99`` (each within 2.3 %), ``off_unit`` (rows with ``| ||x|| - 1 | > tolerance``),
     #: ``zero`` (zero vectors: NaN scores with ``normalize``), ``tolerance``, ``normalized``.
     norms: dict[str, Any] = field(default_factory=dict)
+    #: seconds per stage of the tasks, summed over the parts scored in this run (reused parts add
+    #: nothing): ``read_s``, ``metadata_s``, ``score_s``, ``build_s``, ``write_s`` and their sum
+    #: ``task_s`` (see ``nsfw_dask._task``)
+    stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys((*STAGES, "task_s"), 0.0))
+    #: the cluster the parts ran on, when they started: worker processes and their threads in all
+    #: (the most tasks in flight at once); 0 when every part was reused (no cluster was asked)
+    workers: int = 0
+    threads: int = 0
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, np.int64), repr=False)
     norm_histogram: np.ndarray = field(default_factory=lambda: np.zeros(NORM_HIST_BINS, np.int64), repr=False)
     norm_off_unit: int = field(default=0, repr=False)
@@ -151,3 +165,5 @@ def add_part(summary: Summary, r: dict[str, Any]) -> None:
     summary.norm_zero += r.get("norm_zero", 0)
     if r.get("norm_histogram") is not None:
         summary.norm_histogram = summary.norm_histogram + r["norm_histogram"]
+    for k, v in r.get("stages", {}).items():  # a reused part has none
+        summary.stages[k] = summary.stages.get(k, 0.0) + float(v)

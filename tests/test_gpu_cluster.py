@@ -204,3 +204,49 @@ def test_cli_gpu_more_workers_than_gpus_is_one_line(tmp_path: Path, l14_ref: dic
     from nsfw_dask.pipeline import SUCCESS_FILE
 
     assert not (tmp_path / "out" / SUCCESS_FILE).exists()
+
+
+def test_cli_gpu_several_threads_per_worker_match_the_cpu_job_and_each_other(
+    tmp_path: Path, l14_ref: dict[str, np.ndarray]
+) -> None:
+    """``--gpu`` runs several partitions per GPU at once (``default_gpu_cluster_shape``): rows,
+    order and scores as the CPU job's (within 1e-5), and the same bytes whatever the threads per
+    worker and the batch size (every CUDA forward pass is one fixed 32,768-row block)."""
+    from nsfw_dask.pipeline import default_gpu_cluster_shape
+
+    x = l14_ref["inputs"].astype(np.float16)
+    src = _write_npy(tmp_path / "laion", x, [1000, 1692])
+    common = ["--json", "--no-progress", "--rows-per-partition", "200", "--threshold", "0.5"]  # 16 parts
+    runs = {
+        "cpu": ["--workers", "1", "--threads-per-worker", "2"],
+        "gpu": ["--gpu", "--workers", "1"],  # the default threads
+        "gpu_1": ["--gpu", "--workers", "1", "--threads-per-worker", "1", "--batch-size", "1000"],
+        "gpu_4": ["--gpu", "--workers", "1", "--threads-per-worker", "4"],
+    }
+    frames, summaries = {}, {}
+    for name, extra in runs.items():
+        r = _run_cli("score", str(src), str(tmp_path / name), *common, *extra)
+        assert r.returncode == 0, (name, r.stdout, r.stderr)
+        summaries[name] = s = json.loads(r.stdout.strip().splitlines()[-1])
+        assert (s["rows"], s["rows_written"], s["partitions"]) == (len(x), len(x), 16), (name, s)
+        frames[name] = pd.concat(
+            [pd.read_parquet(p) for p in sorted((tmp_path / name).glob("part.*.parquet"))], ignore_index=True
+        )
+    default_threads = default_gpu_cluster_shape(1, None, n_gpus=torch.cuda.device_count())[1]
+    assert [summaries[n]["threads"] for n in ("gpu", "gpu_1", "gpu_4")] == [default_threads, 1, 4]
+    assert default_threads >= 2
+    for name, s in summaries.items():  # where the time went, on the GPU too
+        st = s["stages"]
+        assert all(st[k] > 0 for k in ("read_s", "metadata_s", "score_s", "build_s", "write_s")), (name, st)
+        assert st["task_s"] <= s["threads"] * s["compute_seconds"] * 1.01 + 0.05, (name, s)
+    cpu = frames["cpu"]
+    for name in ("gpu", "gpu_1", "gpu_4"):
+        got = frames[name]
+        np.testing.assert_array_equal(got["row_number"].to_numpy(), np.arange(len(x)))  # every row, in order
+        assert got["key"].tolist() == cpu["key"].tolist()
+        np.testing.assert_allclose(got["nsfw_score"].to_numpy(), cpu["nsfw_score"].to_numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(got["nsfw_score"].to_numpy(), frames["gpu"]["nsfw_score"].to_numpy())
+    names = sorted(p.name for p in (tmp_path / "gpu").glob("part.*.parquet"))
+    for name in ("gpu_1", "gpu_4"):  # the same job (threads and batch size change no byte)
+        for n in names:
+            assert (tmp_path / name / n).read_bytes() == (tmp_path / "gpu" / n).read_bytes(), (name, n)

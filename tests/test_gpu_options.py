@@ -200,6 +200,73 @@ def test_visible_gpus_come_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
         gpu.check_cuda_workers(3)
 
 
+# ----------------------------------------------------------------------------- the --gpu cluster's shape
+
+
+@pytest.mark.parametrize(
+    ("given", "gpus", "n_cpu", "expected"),
+    [
+        ((None, None), 1, 16, (1, 8)),  # the first GPU run's machine: 8 partitions in flight, not 1
+        ((None, None), 1, 64, (1, 8)),  # at most 8 threads (each keeps ~360 MB of GPU buffers)
+        ((None, None), 1, 4, (1, 4)),
+        ((None, None), 1, 2, (1, 2)),
+        ((None, None), 1, 1, (1, 2)),  # at least 2: one task's host work overlaps another's GPU work
+        ((None, None), 2, 16, (2, 8)),
+        ((None, None), 4, 16, (4, 4)),
+        ((None, None), 8, 64, (8, 8)),
+        ((None, None), 8, 112, (8, 8)),
+        ((None, None), 8, 16, (8, 2)),
+        ((None, None), 8, 8, (8, 2)),
+        ((1, None), 8, 16, (1, 8)),  # the cores are shared by the workers that run, not by all GPUs
+        ((2, None), 8, 12, (2, 6)),
+        ((None, 1), 1, 16, (1, 1)),  # --threads-per-worker wins, 1 included (dask-cuda's own default)
+        ((None, 16), 2, 8, (2, 16)),
+        ((3, 5), 4, 64, (3, 5)),
+    ],
+)
+def test_default_gpu_cluster_shape(given: tuple[Any, Any], gpus: int, n_cpu: int, expected: tuple[int, int]) -> None:
+    from nsfw_dask.pipeline import default_gpu_cluster_shape
+
+    assert default_gpu_cluster_shape(*given, n_gpus=gpus, n_cpu=n_cpu) == expected
+
+
+def test_default_gpu_cluster_shape_counts_this_machines_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from nsfw_dask.pipeline import default_gpu_cluster_shape
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 24)
+    assert default_gpu_cluster_shape(n_gpus=4) == (4, 6)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: 1 core, so the floor of 2 threads
+    assert default_gpu_cluster_shape(n_gpus=1) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("workers", "threads", "gpus", "expected"),
+    [
+        (None, None, 1, {"threads_per_worker": 8}),  # dask-cuda's default would be 1
+        (None, None, 2, {"threads_per_worker": 8}),
+        (None, None, 4, {"threads_per_worker": 4}),
+        (1, None, 4, {"n_workers": 1, "threads_per_worker": 8}),
+        (None, 3, 2, {"threads_per_worker": 3}),
+        (2, 1, 2, {"n_workers": 2, "threads_per_worker": 1}),
+    ],
+)
+def test_job_gpu_cluster_runs_several_threads_per_worker(
+    monkeypatch: pytest.MonkeyPatch, workers: Any, threads: Any, gpus: int, expected: dict[str, int]
+) -> None:
+    """What ``score_dataset(gpu=True)`` (``nsfw-dask score --gpu``) passes to ``local_cuda_cluster``
+    on a 16-core machine: ``threads_per_worker`` always, from ``default_gpu_cluster_shape`` unless
+    given.  (Before: only what was given, so dask-cuda's one thread per GPU.)"""
+    import os
+
+    from nsfw_dask.pipeline import _gpu_cluster_options
+
+    monkeypatch.setattr(gpu, "_visible_gpus", lambda: gpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert _gpu_cluster_options(workers, threads) == expected
+
+
 # ----------------------------------------------------------------------------- float16 parquet
 
 

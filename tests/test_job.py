@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,6 +274,48 @@ def test_existing_output_refused_without_resume_and_resume_reuses(tmp_path, clie
     assert s.partitions_reused == 5 and p0.read_bytes() == first[p0.name]
 
 
+STAGES = ("read_s", "metadata_s", "score_s", "build_s", "write_s")
+
+
+def check_stages(stages: dict, compute_seconds: float, threads: int, *, metadata: bool) -> None:
+    """The job's own account of where its time went: every stage present, non-negative, their
+    sum ``task_s``, no more thread time than the cluster had while the parts ran."""
+    assert set(stages) == {*STAGES, "task_s"}, stages
+    assert all(isinstance(v, float) and v >= 0 for v in stages.values()), stages
+    assert stages["task_s"] == pytest.approx(sum(stages[k] for k in STAGES), rel=1e-9, abs=1e-9)
+    for k in ("read_s", "score_s", "build_s", "write_s"):  # every scored part went through each
+        assert stages[k] > 0, (k, stages)
+    assert (stages["metadata_s"] > 0) is metadata, stages  # parquet_npy only: parquet reads it all at once
+    assert threads >= 1 and 0 < stages["task_s"] <= threads * compute_seconds * 1.01 + 0.05, (
+        stages,
+        threads,
+        compute_seconds,
+    )
+
+
+def test_summary_says_where_the_time_went(tmp_path, client, l14_ref):
+    """Per-part stage times summed on the client, with the cluster's threads (the most parts in
+    flight); a resumed run counts only the parts it scored."""
+    src = make_parquet(tmp_path / "in", l14_ref["inputs"][:1200], [600, 600])
+    out = tmp_path / "out"
+    s = score_dataset(src, out, client=client, rows_per_partition=300)
+    assert (s.partitions, s.workers, s.threads) == (6, 2, 2)  # the module's 2 x 1 cluster
+    check_stages(s.stages, s.compute_seconds, s.threads, metadata=False)
+    d = s.to_dict()
+    assert d["stages"] == s.stages and (d["workers"], d["threads"]) == (2, 2)
+    json.dumps(d)  # what --json prints
+    parts(out)[1].unlink()
+    (out / SUCCESS_FILE).unlink()
+    r = score_dataset(src, out, client=client, rows_per_partition=300, resume=True)
+    assert r.partitions_reused == 5
+    check_stages(r.stages, r.compute_seconds, r.threads, metadata=False)
+    done = score_dataset(src, tmp_path / "out2", client=client, rows_per_partition=300)
+    (tmp_path / "out2" / SUCCESS_FILE).unlink()
+    again = score_dataset(src, tmp_path / "out2", client=client, rows_per_partition=300, resume=True)
+    assert again.partitions_reused == 6 and done.partitions_reused == 0
+    assert set(again.stages.values()) == {0.0} and (again.workers, again.threads) == (0, 0)
+
+
 def test_resume_refused_when_options_or_input_differ(tmp_path, client, x16):
     src = make_npy(tmp_path / "laion", x16[:600], [600])
     out = tmp_path / "out"
@@ -372,6 +415,26 @@ def test_cli_json_and_human_summary(tmp_path, x16, shared):
     r = run_cli("score", str(src), str(tmp_path / "out"), "--resume", "--threshold", "0.5", *shared)
     assert r.returncode == 0, r.stderr
     assert "parts            1 (1 reused)" in r.stdout and "score quantiles  p01" in r.stdout
+
+
+def test_cli_json_reports_the_stages_of_the_tasks(tmp_path, x16, shared):
+    """``--json`` gives the stages (read, metadata, score, build, write, their sum) summed over
+    the parts, the workers and threads they ran on; the human summary prints them on one line."""
+    src = make_npy(tmp_path / "laion", x16[:1500], [900, 600])
+    r = run_cli("score", str(src), str(tmp_path / "out"), "--json", "--rows-per-partition", "500", *shared)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert (s["rows"], s["partitions"], s["workers"], s["threads"]) == (1500, 4, 1, 1)  # the shared 1 x 1
+    check_stages(s["stages"], s["compute_seconds"], s["threads"], metadata=True)
+    r = run_cli("score", str(src), str(tmp_path / "out"), "--overwrite", *shared)
+    assert r.returncode == 0, r.stderr
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("time per stage")]
+    assert len(line) == 1, r.stdout
+    assert re.fullmatch(
+        r"time per stage   read [\d.]+ s, metadata [\d.]+ s, score [\d.]+ s, build [\d.]+ s, write [\d.]+ s  "
+        r"\(summed over the parts; 1 thread\(s\) on 1 worker\(s\), busy \d+%\)",
+        line[0],
+    ), line[0]
 
 
 def test_cli_sigkill_of_the_process_group_then_resume(tmp_path, l14_ref, expected, shared):
