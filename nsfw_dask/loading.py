@@ -11,16 +11,19 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._forward import HeadSet
 from .exact import CategoricalEncoding, ExactNSFWModel, clear_vocabulary_cache, load_vocabulary
+from .heads import HeadSpec, parse_heads
 from .models import ModelSpec, NSFWModel, get_spec
 from .weights import ENV_MODEL_DIR, WeightsInfo, cache_dir, read_state_dict, resolve_weights
 
-__all__ = ["clear_model_cache", "load_model", "model_cache_info", "resolve_device"]
+__all__ = ["clear_model_cache", "load_heads", "load_model", "model_cache_info", "resolve_device"]
 
 _lock = threading.RLock()
 _resolved: dict[tuple[Any, ...], WeightsInfo] = {}
@@ -64,12 +67,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     model_dir: str | os.PathLike[str] | None = None,
     exact: bool = False,
-) -> NSFWModel | ExactNSFWModel:
+) -> Any:
     """Return the cached, eval-mode head for ``model`` on ``device``, loading it on first use.
 
     Parameters
     ----------
-    model : {"vit-l-14", "vit-b-32"}
+    model : {"vit-l-14", "vit-b-32"} or a head's weights name
+        The NSFW head of that CLIP model, or another head's weights
+        (:data:`nsfw_dask._specs.HEAD_WEIGHT_SPECS`, e.g. ``"aesthetic-vit-l-14"``;
+        :func:`load_heads` picks them by head name).
     device : str or torch.device, optional
         Defaults to the CPU.
     dtype : torch.dtype
@@ -83,7 +89,7 @@ def load_model(
 
     Returns
     -------
-    NSFWModel or ExactNSFWModel
+    NSFWModel, ExactNSFWModel, AestheticMLP or AestheticLinear
         Shared by every caller in this process: do not modify it.
     """
     spec = get_spec(model)
@@ -96,10 +102,10 @@ def load_model(
         m = _models.get(key)
         if m is None:
             t0 = time.perf_counter()
-            m = NSFWModel(spec)
+            m = _build(spec)
             m.load_state_dict(read_state_dict(info), strict=True)
             m = m.to(device=dev, dtype=dtype).eval().requires_grad_(False)
-            m.weights_info = info
+            m.__dict__["weights_info"] = info  # a plain attribute (nn.Module types setattr for tensors/modules)
             _models[key] = m
             _loads.append(
                 {
@@ -114,6 +120,51 @@ def load_model(
                 }
             )
         return m
+
+
+def _build(spec: ModelSpec) -> torch.nn.Module:
+    """The torch module that reads ``spec``'s weights (``ModelSpec.module``)."""
+    if spec.module == "nsfw":
+        return NSFWModel(spec)
+    from .heads.aesthetic import AestheticLinear, AestheticMLP
+
+    if spec.module == "mlp":
+        return AestheticMLP(spec)
+    if spec.module == "linear":
+        return AestheticLinear(spec)
+    raise ValueError(f"internal error: no module reads {spec.name!r} ({spec.module!r})")
+
+
+_head_sets: dict[tuple[Any, ...], HeadSet] = {}
+
+
+def load_heads(
+    heads: str | Iterable[str | HeadSpec] = ("nsfw",),
+    model: str = "vit-l-14",
+    *,
+    device: str | torch.device | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    exact: bool = False,
+) -> HeadSet:
+    """The cached, eval-mode heads ``heads`` for CLIP ``model`` on ``device``, scored together.
+
+    Each head's weights are resolved, verified and cached as :func:`load_model` does (once per
+    process); the returned :class:`~nsfw_dask._forward.HeadSet` is the same object for the same
+    arguments, so the per-thread forward runners are shared too.  ``exact`` applies to the NSFW
+    head (LAION's original model).
+    """
+    specs = parse_heads(heads)
+    dev = resolve_device(device)
+    with _lock:
+        models = [
+            load_model(h.spec_for(model), device=dev, model_dir=model_dir, exact=exact and h.name == "nsfw")
+            for h in specs
+        ]
+        key = (tuple(id(m) for m in models), str(dev))
+        hs = _head_sets.get(key)
+        if hs is None or any(a is not b for a, b in zip(hs.models, models)):
+            hs = _head_sets[key] = HeadSet(models, [h.name for h in specs])
+        return hs
 
 
 def _load_exact(
@@ -164,6 +215,7 @@ def clear_model_cache() -> None:
 
     with _lock:
         _models.clear()
+        _head_sets.clear()
         _resolved.clear()
         _loads.clear()
     clear_vocabulary_cache()

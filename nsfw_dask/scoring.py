@@ -8,24 +8,36 @@ import numbers
 import os
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ._compat import in_dask_meta_inference
-from ._forward import get_runner
+from ._forward import HeadSet, get_runner
 from ._norms import SAMPLE_ROWS, clearly_not_unit, not_unit_message
 from .dispatch import Segment, get_backend
 from .exceptions import EmbeddingFormatError, NotUnitNormWarning
-from .loading import load_model, resolve_device
+from .heads import HeadSpec, get_head, parse_heads
+from .loading import load_heads, load_model, resolve_device
 from .models import get_spec
 
 if TYPE_CHECKING:
     from .exact import ExactNSFWModel
-    from .models import ModelSpec, NSFWModel
+    from .models import NSFWModel
 
-__all__ = ["DEFAULT_BATCH_SIZE", "nsfw_meta", "score", "score_nsfw", "score_partition", "score_tensor"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "nsfw_meta",
+    "score",
+    "score_aesthetic",
+    "score_heads",
+    "score_nsfw",
+    "score_partition",
+    "score_tensor",
+    "score_tensors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +61,7 @@ def _in_dask_meta_inference() -> bool:
 
 
 def score_tensor(
-    model: NSFWModel | ExactNSFWModel,
+    model: NSFWModel | ExactNSFWModel | HeadSet | torch.nn.Module,
     emb: torch.Tensor,
     *,
     batch_size: int,
@@ -67,14 +79,40 @@ def score_tensor(
     a row's score does not depend on its batch).
 
     ``norms``: an ``(n,)`` tensor on ``device`` that receives each row's L2 norm (the norm check);
-    ``normalize``: score ``x / ||x||`` instead of ``x`` (a zero row gets NaN).
+    ``normalize``: score ``x / ||x||`` instead of ``x`` (a zero row gets NaN).  For several heads
+    (a :class:`~nsfw_dask._forward.HeadSet`) see :func:`score_tensors`.
     """
+    outs = score_tensors(
+        model,
+        emb,
+        batch_size=batch_size,
+        device=device,
+        outs=None if out is None else [out],
+        norms=norms,
+        normalize=normalize,
+    )
+    if len(outs) != 1:
+        raise TypeError(f"score_tensor scores one head; {model!r} has {len(outs)}: use score_tensors")
+    return outs[0]
+
+
+def score_tensors(
+    models: NSFWModel | ExactNSFWModel | HeadSet | torch.nn.Module,
+    emb: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    outs: list[torch.Tensor] | None = None,
+    norms: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> list[torch.Tensor]:
+    """Every head of ``models`` on ``emb``, from one read of each batch: a float32 ``(n,)`` per head."""
     n = emb.shape[0]
-    if out is None:
-        out = torch.empty(n, dtype=torch.float32, device=device)
+    runner = get_runner(models, device)
+    if outs is None:
+        outs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(runner.n_out)]
     if n == 0:
-        return out
-    runner = get_runner(model, device)
+        return outs
     bs = min(batch_size, n)
     if runner.block is not None:  # CUDA: whole blocks per batch
         bs = -(-bs // runner.block) * runner.block
@@ -82,8 +120,8 @@ def score_tensor(
         if runner.encoding is None or normalize:  # exact mode + normalize: codes of the normalized rows
             for i in range(0, n, bs):
                 nv = None if norms is None else norms[i : i + bs]
-                runner(emb[i : i + bs], out[i : i + bs], norms=nv, normalize=normalize)
-            return out
+                runner(emb[i : i + bs], [o[i : i + bs] for o in outs], norms=nv, normalize=normalize)
+            return outs
         # exact mode: the vocabulary lookup for a chunk of batches at once (bounded memory)
         chunk = bs * max(1, _EXACT_CHUNK_ROWS // bs)
         for c in range(0, n, chunk):
@@ -92,8 +130,8 @@ def score_tensor(
             assert codes is not None  # runner.encoding is set: exact mode
             for i in range(0, part.shape[0], bs):
                 nv = None if norms is None else norms[c + i : c + i + bs]
-                runner(part[i : i + bs], out[c + i : c + i + bs], codes[i : i + bs], norms=nv)
-    return out
+                runner(part[i : i + bs], [o[c + i : c + i + bs] for o in outs], codes[i : i + bs], norms=nv)
+    return outs
 
 
 #: Exact mode looks up the categorical columns of up to this many rows at once (a few MB).
@@ -101,7 +139,7 @@ _EXACT_CHUNK_ROWS = 65_536
 
 
 def _score_segments(
-    model: NSFWModel | ExactNSFWModel,
+    models: NSFWModel | ExactNSFWModel | HeadSet | torch.nn.Module,
     segments: list[Segment],
     n: int,
     *,
@@ -109,42 +147,45 @@ def _score_segments(
     device: torch.device,
     norms: torch.Tensor | None = None,
     normalize: bool = False,
-) -> torch.Tensor:
-    """The scores of a partition's ``n`` rows (NaN for rows without an embedding); ``norms``, if
-    given, an ``(n,)`` tensor on ``device`` that receives each row's L2 norm (NaN likewise)."""
-    out = torch.empty(n, dtype=torch.float32, device=device)
+) -> list[torch.Tensor]:
+    """Each head's scores for a partition's ``n`` rows (NaN for rows without an embedding);
+    ``norms``, if given, an ``(n,)`` tensor on ``device`` that receives each row's L2 norm (NaN
+    likewise)."""
+    k = get_runner(models, device).n_out
+    outs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(k)]
     covered = 0
     for seg in segments:
-        view = out[seg.start : seg.stop]
+        views = [o[seg.start : seg.stop] for o in outs]
         nview = None if norms is None else norms[seg.start : seg.stop]
+        kw: dict[str, Any] = {"batch_size": batch_size, "device": device, "normalize": normalize}
         if seg.rows is None and seg.emb.shape[0] == seg.stop - seg.start:
-            score_tensor(
-                model, seg.emb, batch_size=batch_size, device=device, out=view, norms=nview, normalize=normalize
-            )
+            score_tensors(models, seg.emb, outs=views, norms=nview, **kw)
         else:
             if seg.rows is None or len(seg.rows) != seg.emb.shape[0]:
                 raise AssertionError("internal error: a segment's rows do not match its embeddings")
-            view.fill_(float("nan"))
+            for v in views:
+                v.fill_(float("nan"))
             if nview is not None:
                 nview.fill_(float("nan"))
             if seg.emb.shape[0]:
-                k = seg.emb.shape[0]
-                seg_norms = None if nview is None else torch.empty(k, dtype=torch.float32, device=device)
-                scores = score_tensor(
-                    model, seg.emb, batch_size=batch_size, device=device, norms=seg_norms, normalize=normalize
-                )
+                m = seg.emb.shape[0]
+                seg_norms = None if nview is None else torch.empty(m, dtype=torch.float32, device=device)
+                scores = score_tensors(models, seg.emb, norms=seg_norms, **kw)
                 rows = seg.rows.to(device)
-                view[rows] = scores
+                for v, sc in zip(views, scores):
+                    v[rows] = sc
                 if nview is not None and seg_norms is not None:
                     nview[rows] = seg_norms
         if seg.null_rows is not None and len(seg.null_rows):
-            view[seg.null_rows.to(device)] = float("nan")
+            null_rows = seg.null_rows.to(device)
+            for v in views:
+                v[null_rows] = float("nan")
             if nview is not None:
-                nview[seg.null_rows.to(device)] = float("nan")
+                nview[null_rows] = float("nan")
         covered += seg.stop - seg.start
     if covered != n:  # only zero-length chunks are skipped
         raise AssertionError(f"internal error: segments cover {covered} of {n} rows")
-    return out
+    return outs
 
 
 def sample_norm_median(embeddings: list[torch.Tensor]) -> tuple[float, int]:
@@ -258,43 +299,209 @@ def score_nsfw(
     >>> scored = ddf.map_partitions(score_nsfw)  # doctest: +SKIP
     >>> safe = scored[scored.nsfw_score < 0.5]  # doctest: +SKIP
     """
-    spec = get_spec(model)
+    return _score_and_attach(
+        df,
+        heads=("nsfw",),
+        score_columns={"nsfw": score_column},
+        column=column,
+        model=model,
+        batch_size=batch_size,
+        device=device,
+        model_dir=model_dir,
+        exact=exact,
+        normalize=normalize,
+        norm_check=norm_check,
+    )
+
+
+def score_heads(
+    df: Any,
+    *,
+    heads: str | Sequence[str] = ("nsfw",),
+    column: Any = None,
+    model: str = "vit-l-14",
+    score_columns: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    exact: bool = False,
+    normalize: bool = False,
+    norm_check: bool = True,
+) -> Any:
+    """Score one partition with several of LAION's CLIP heads from one read of its embeddings.
+
+    Made for ``ddf.map_partitions(score_heads, heads=("nsfw", "aesthetic"))`` (no ``meta=``
+    needed); also works on any single pandas or cuDF DataFrame.  Returns a new frame with every
+    column, the index and the row order of ``df``, plus one float32 column per head.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame or cudf.DataFrame
+        The partition, as for :func:`score_nsfw`.
+    heads : str or sequence of str
+        ``"nsfw"`` (LAION's NSFW detector, 0..1), ``"aesthetic"`` (LAION's improved aesthetic
+        predictor, ~1..10, ViT-L/14 only), ``"aesthetic-v1"`` (LAION-5B's ``aesthetic``, ~1..10);
+        a comma-separated string works too.  See :mod:`nsfw_dask.heads`.
+    column : str, optional
+        The embedding column (default: the only list-of-float column).
+    model : {"vit-l-14", "vit-b-32"}
+        The CLIP model the embeddings come from; every head must have weights for it.
+    score_columns : mapping, optional
+        Head -> the column it writes (default ``nsfw_score``, ``aesthetic_score``,
+        ``aesthetic_v1_score``: NeMo Curator's names for the first two).
+    batch_size, device, model_dir
+        As for :func:`score_nsfw`.
+    exact : bool, default False
+        The NSFW head reproduces LAION's original model (see :func:`score_nsfw`).
+    normalize : bool, default False
+        The NSFW head scores L2-normalised embeddings (the aesthetic heads always normalise, as
+        their upstream inference code does).
+    norm_check : bool, default True
+        With the NSFW head and without ``normalize``: warn when the embeddings are clearly not
+        unit length (:class:`~nsfw_dask.NotUnitNormWarning`; see :func:`score_nsfw`).
+
+    Returns
+    -------
+    DataFrame
+        Same type as ``df``; NaN scores for null or non-finite embeddings, per head.
+
+    Examples
+    --------
+    >>> scored = ddf.map_partitions(score_heads, heads=("nsfw", "aesthetic"))  # doctest: +SKIP
+    >>> subset = scored[(scored.nsfw_score < 0.5) & (scored.aesthetic_score >= 5)]  # doctest: +SKIP
+    """
+    specs = parse_heads(heads)
+    cols = {h.name: h.score_column for h in specs}
+    for name, c in (score_columns or {}).items():
+        h = get_head(name)
+        if h.name not in cols:
+            raise ValueError(f"score_columns names the {h.name!r} head, which is not in heads={heads!r}.")
+        cols[h.name] = c
+    if len(set(cols.values())) != len(cols):
+        raise ValueError(f"Two heads would write the same column: {cols}; pass score_columns= with distinct names.")
+    return _score_and_attach(
+        df,
+        heads=tuple(h.name for h in specs),
+        score_columns=cols,
+        column=column,
+        model=model,
+        batch_size=batch_size,
+        device=device,
+        model_dir=model_dir,
+        exact=exact,
+        normalize=normalize,
+        norm_check=norm_check,
+    )
+
+
+def score_aesthetic(
+    df: Any,
+    *,
+    column: Any = None,
+    model: str = "vit-l-14",
+    score_column: Any = "aesthetic_score",
+    head: str = "aesthetic",
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Score one partition with LAION's aesthetic predictor: :func:`score_nsfw`'s twin.
+
+    ``head="aesthetic"`` (default): the improved predictor ("aesthetic v2", NeMo Curator's
+    ``AestheticScorer``; ViT-L/14); ``head="aesthetic-v1"``: LAION-5B's ``aesthetic`` column
+    (ViT-L/14 or ViT-B/32).  Both L2-normalise each embedding first, as their upstream
+    inference code does, so raw and normalised embeddings score alike.  A float32
+    ``score_column`` (~1..10) is appended; NaN for null or non-finite embeddings.
+
+    Examples
+    --------
+    >>> scored = ddf.map_partitions(score_aesthetic)  # doctest: +SKIP
+    >>> pretty = scored[scored.aesthetic_score >= 5]  # doctest: +SKIP
+    """
+    h = get_head(head)
+    if h.name == "nsfw":
+        raise ValueError("score_aesthetic scores an aesthetic head; use score_nsfw for 'nsfw'.")
+    return _score_and_attach(
+        df,
+        heads=(h.name,),
+        score_columns={h.name: score_column},
+        column=column,
+        model=model,
+        batch_size=batch_size,
+        device=device,
+        model_dir=model_dir,
+        exact=False,
+        normalize=False,
+        norm_check=False,
+    )
+
+
+def _check_call(batch_size: Any, exact: Any) -> None:
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
     ):
         raise ValueError(f"Expected batch_size to be a positive int or None but got {batch_size!r}")
     if not isinstance(exact, bool):
         raise TypeError(f"Expected exact to be True or False but got {exact!r}")
+
+
+def _score_and_attach(
+    df: Any,
+    *,
+    heads: tuple[str, ...],
+    score_columns: Mapping[str, Any],
+    column: Any,
+    model: str,
+    batch_size: int | None,
+    device: str | torch.device | None,
+    model_dir: str | os.PathLike[str] | None,
+    exact: bool,
+    normalize: bool,
+    norm_check: bool,
+) -> Any:
+    """``score_nsfw`` / ``score_heads`` / ``score_aesthetic``: resolve, score, attach each head's column."""
+    _check_call(batch_size, exact)
+    specs = parse_heads(heads)
+    for h in specs:
+        h.spec_for(model)  # every head has weights for this CLIP model (else one line, now)
     backend = get_backend(df)
     schema_only = _in_dask_meta_inference()
     col = backend.resolve_column(df, column, schema_only=schema_only)  # None: undecided on dask's fake partition
-    if col is not None and score_column == col:
-        raise ValueError(f"score_column {score_column!r} is the embedding column; choose another name.")
+    for h in specs:
+        if col is not None and score_columns[h.name] == col:
+            raise ValueError(f"score column {score_columns[h.name]!r} is the embedding column; choose another name.")
     n = len(df)
-    if n == 0 or schema_only:
-        return backend.attach(df, score_column, None)
-    scores, _ = _score_frame(
-        backend,
-        df,
-        col,
-        spec,
-        column_given=column is not None,
-        batch_size=batch_size,
-        device=device,
-        model_dir=model_dir,
-        exact=exact,
-        normalize=normalize,
-        warn_norms=norm_check,
-        with_norms=False,
-    )
-    return backend.attach(df, score_column, scores)
+    scores: list[torch.Tensor | None] = [None] * len(specs)
+    if n and not schema_only:
+        got, _ = _score_frame(
+            backend,
+            df,
+            col,
+            specs,
+            model,
+            column_given=column is not None,
+            batch_size=batch_size,
+            device=device,
+            model_dir=model_dir,
+            exact=exact,
+            normalize=normalize,
+            warn_norms=norm_check,
+            with_norms=False,
+        )
+        if got is not None:
+            scores = list(got)
+    out = df
+    for h, sc in zip(specs, scores):
+        out = backend.attach(out, score_columns[h.name], sc)
+    return out
 
 
 def _score_frame(
     backend: Any,
     df: Any,
     col: Any,
-    spec: ModelSpec,
+    heads: tuple[HeadSpec, ...],
+    model: str,
     *,
     column_given: bool,
     batch_size: int | None,
@@ -304,11 +511,13 @@ def _score_frame(
     normalize: bool,
     warn_norms: bool,
     with_norms: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The scores of ``df[col]`` (None: no row has an embedding, so no model was loaded) and,
-    ``with_norms``, every row's L2 norm; ``warn_norms``: the sampled norm check's warning."""
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """Each head's scores of ``df[col]`` (None: no row has an embedding, so no model was loaded)
+    and, ``with_norms``, every row's L2 norm; ``warn_norms``: the sampled norm check's warning
+    (for the NSFW head: the aesthetic heads normalise their input themselves)."""
+    clip = get_spec(model)  # the embedding width and the messages' model names
     try:
-        segments = backend.to_segments(df, col, spec)
+        segments = backend.to_segments(df, col, clip)
     except EmbeddingFormatError as e:
         if not column_given:
             raise
@@ -318,14 +527,26 @@ def _score_frame(
         return None, None
     n = len(df)
     dev = resolve_device(device if device is not None else backend.default_device(df))
-    if warn_norms and not normalize:
-        warn_if_not_unit([seg.emb for seg in segments], f"Column {col!r}", stacklevel=4)
+    if warn_norms and not normalize and any(not h.normalizes for h in heads):
+        warn_if_not_unit([seg.emb for seg in segments], f"Column {col!r}", stacklevel=5)
     bs = int(batch_size) if batch_size else _default_batch_size(dev)
-    head = load_model(spec, device=dev, model_dir=model_dir, exact=exact)
+    models: Any
+    if len(heads) == 1:  # one head: its own model (the runner NSFWScorer and score_tensor share)
+        models = load_model(heads[0].spec_for(model), device=dev, model_dir=model_dir, exact=exact)
+    else:
+        models = load_heads(heads, clip.name, device=dev, model_dir=model_dir, exact=exact)
     norms = torch.empty(n, dtype=torch.float32, device=dev) if with_norms else None
-    scores = _score_segments(head, segments, n, batch_size=bs, device=dev, norms=norms, normalize=normalize)
-    logger.debug("scored %d rows of %r on %s in %d segment(s), exact=%s", n, col, dev, len(segments), exact)
-    return scores, norms
+    outs = _score_segments(models, segments, n, batch_size=bs, device=dev, norms=norms, normalize=normalize)
+    logger.debug(
+        "scored %d rows of %r with %s on %s in %d segment(s), exact=%s",
+        n,
+        col,
+        ",".join(h.name for h in heads),
+        dev,
+        len(segments),
+        exact,
+    )
+    return outs, norms
 
 
 def score_partition(
@@ -333,25 +554,27 @@ def score_partition(
     *,
     column: Any,
     model: str = "vit-l-14",
+    heads: Sequence[str] = ("nsfw",),
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     model_dir: str | os.PathLike[str] | None = None,
     exact: bool = False,
     normalize: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The job's scoring step: float32 scores and every row's L2 norm, as host arrays.
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The job's scoring step: each head's float32 scores and every row's L2 norm, as host arrays.
 
     NaN for rows without an embedding, in both.  The norms come from the forward pass (each
     batch while it is in cache); the job checks and reports them (:mod:`nsfw_dask._norms`).
     """
-    spec = get_spec(model)
+    specs = parse_heads(heads)
     backend = get_backend(df)
     col = backend.resolve_column(df, column, schema_only=False)
-    scores, norms = _score_frame(
+    outs, norms = _score_frame(
         backend,
         df,
         col,
-        spec,
+        specs,
+        model,
         column_given=True,
         batch_size=batch_size,
         device=device,
@@ -361,10 +584,10 @@ def score_partition(
         warn_norms=False,
         with_norms=True,
     )
-    if scores is None or norms is None:
+    if outs is None or norms is None:
         nan = np.full(len(df), np.nan, dtype=np.float32)
-        return nan, nan.copy()
-    return scores.cpu().numpy(), norms.cpu().numpy()
+        return {h.name: nan.copy() for h in specs}, nan
+    return {h.name: o.cpu().numpy() for h, o in zip(specs, outs)}, norms.cpu().numpy()
 
 
 def nsfw_meta(frame: Any, *, column: Any = None, score_column: Any = "nsfw_score") -> Any:
