@@ -41,10 +41,23 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Rows per forward pass when ``batch_size=None``.  CPU: measured on a 2-core EPYC (see README:
-#: ~1k rows keep the activations in cache; a whole 262k-row partition as one batch runs at less
-#: than half the speed).  CUDA: large, so that a launch moves enough work (not measured here).
-DEFAULT_BATCH_SIZE = {"cpu": 1024, "cuda": 32768}
+def _cpu_batch_size() -> int:
+    """Rows per forward pass on this CPU, as measured (``make bench``: ``score_nsfw_by_batch``).
+
+    Interleaved medians of ``score_nsfw`` on a 262,144-row partition, 2 threads: on a 2-core Intel
+    Xeon with AVX-512/AMX 4,096 rows ran at 0.90 G and 1,024 at 0.87 G (2026-12-05); on a 2-core AMD
+    EPYC (AVX2) 1,024 was the best (docs/performance.md).  The vector ISA is what tells the two
+    apart here; the scores do not depend on the batch size (bitwise), only the speed does.
+    """
+    try:
+        return 4096 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 1024
+    except Exception:  # pragma: no cover - an older torch without get_cpu_capability
+        return 1024
+
+
+#: Rows per forward pass when ``batch_size=None``.  CPU: the best measured for the CPU kind
+#: (:func:`_cpu_batch_size`); CUDA: one fixed block (``_forward.CUDA_BLOCK_ROWS``; not measured here).
+DEFAULT_BATCH_SIZE = {"cpu": _cpu_batch_size(), "cuda": 32768}
 
 
 def _default_batch_size(device: torch.device) -> int:
