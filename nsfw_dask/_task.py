@@ -24,6 +24,7 @@ from ._norms import clearly_not_unit, norm_stats, not_unit_message
 from ._plan import ROW_NUMBER_COLUMN, Part, Plan, file_identity
 from ._version import __version__
 from .exceptions import EmbeddingFormatError, EmbeddingNormError, JobError
+from .heads import HEADS
 from .io import is_local, show_path
 from .summary import STAGES, encode_histogram, histogram
 
@@ -63,6 +64,27 @@ class Options:
     model_dir: str | None
     normalize: bool = False  # L2-normalise each embedding before scoring (changes the scores)
     norm_check: bool = True  # refuse a partition whose embeddings are clearly not unit length
+    heads: tuple[str, ...] = ("nsfw",)  # the heads scored from one read (nsfw_dask.heads)
+    # rows kept: (head, op, value) conditions, all must hold (a NaN score holds none)
+    keep: tuple[tuple[str, str, float], ...] = ()
+
+    def score_columns(self) -> dict[str, str]:
+        """Head -> the column it writes (``score_column`` names the NSFW head's)."""
+        return {h: self.score_column if h == "nsfw" else HEADS[h].score_column for h in self.heads}
+
+
+#: ``--keep`` operators: a row passes when ``score OP value`` (False for a NaN score)
+KEEP_OPS: dict[str, Any] = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+
+
+def keep_mask(scores: dict[str, np.ndarray], keep: tuple[tuple[str, str, float], ...]) -> list[np.ndarray]:
+    """Each condition's pass mask (NaN scores pass none)."""
+    masks = []
+    for head, op, value in keep:
+        s = scores[head]
+        with np.errstate(invalid="ignore"):
+            masks.append(KEEP_OPS[op](s, value) & ~np.isnan(s))
+    return masks
 
 
 # The stages of a task whose wall times (seconds) it returns (``summary.STAGES``), disjoint and
@@ -132,8 +154,8 @@ def _load(plan: Plan, part: Part, clock: _Clock | None = None) -> tuple[pa.Table
     return table.drop_columns([plan.column]), col
 
 
-def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> tuple[np.ndarray, np.ndarray]:
-    """The part's scores and every row's L2 norm (NaN where a row has no embedding)."""
+def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each head's scores of the part and every row's L2 norm (NaN where a row has no embedding)."""
     import pandas as pd
 
     from .scoring import score_partition
@@ -144,6 +166,7 @@ def _score(plan: Plan, part: Part, emb: pa.Array, opts: Options) -> tuple[np.nda
             frame,
             column=plan.column,
             model=opts.model,
+            heads=opts.heads,
             exact=opts.exact,
             batch_size=opts.batch_size,
             device=opts.device,
@@ -161,7 +184,9 @@ def _where(plan: Plan, part: Part) -> str:
 
 def _check_norms(plan: Plan, part: Part, norm: dict[str, Any], opts: Options) -> None:
     """Refuse a partition whose embeddings are clearly not L2-normalised (see ``_norms``)."""
-    if opts.norm_check and not opts.normalize and clearly_not_unit(norm["norm_median"]):
+    # the aesthetic heads normalise their input themselves; the NSFW head scores it as given
+    nsfw_as_given = "nsfw" in opts.heads and not opts.normalize
+    if opts.norm_check and nsfw_as_given and clearly_not_unit(norm["norm_median"]):
         raise EmbeddingNormError(not_unit_message(_where(plan, part), norm["norm_median"], norm["norm_rows"], cli=True))
 
 
@@ -204,7 +229,13 @@ def pc_list_lengths(emb: pa.Array) -> np.ndarray:
 
 
 def _output_table(
-    plan: Plan, part: Part, table: pa.Table, emb: pa.Array, scores: np.ndarray, opts: Options, stats: dict[str, Any]
+    plan: Plan,
+    part: Part,
+    table: pa.Table,
+    emb: pa.Array,
+    scores: dict[str, np.ndarray],
+    opts: Options,
+    stats: dict[str, Any],
 ) -> pa.Table:
     out = table
     if opts.keep_embeddings == "list":
@@ -225,15 +256,20 @@ def _output_table(
     for (name, type_name), value in zip(plan.partition_columns, part.partition_values):
         # hive partition columns, after the file's own (where pyarrow.dataset puts them)
         out = out.append_column(name, pa.repeat(pa.scalar(value, type=pa.type_for_alias(type_name)), out.num_rows))
-    nan = np.isnan(scores)
-    s_arr = pa.array(scores, type=pa.float32())
-    out = out.append_column(opts.score_column, s_arr)
-    if opts.threshold is not None:
-        flags = pa.array(scores >= opts.threshold, mask=nan, type=pa.bool_())
+    for head, column in opts.score_columns().items():
+        out = out.append_column(column, pa.array(scores[head], type=pa.float32()))
+    keep: np.ndarray | None = None
+    if "nsfw" in scores and opts.threshold is not None:
+        nsfw = scores["nsfw"]
+        nan = np.isnan(nsfw)
+        flags = pa.array(nsfw >= opts.threshold, mask=nan, type=pa.bool_())
         out = out.append_column(IS_NSFW_COLUMN, flags)
-    if opts.filter != "none":
-        keep = (scores < opts.threshold) if opts.filter == "keep-safe" else (scores >= opts.threshold)
-        keep &= ~nan
+        if opts.filter != "none":
+            keep = (nsfw < opts.threshold) if opts.filter == "keep-safe" else (nsfw >= opts.threshold)
+            keep &= ~nan
+    for mask in stats["keep_masks"]:
+        keep = mask if keep is None else keep & mask
+    if keep is not None:
         out = out.filter(pa.array(keep))
     out = out.replace_schema_metadata(_schema_metadata(plan, opts, part, stats, out.num_rows))
     return out
@@ -256,6 +292,10 @@ def _schema_metadata(
         "nan_scores": stats["nan_scores"],
         "over_threshold": stats["over_threshold"],
         "histogram": encode_histogram(stats["histogram"]),
+        "heads": {
+            h: {"nan": v["nan"], "histogram": encode_histogram(v["histogram"])} for h, v in stats["heads"].items()
+        },
+        "keep_counts": stats["keep_counts"],
         "norm_off_unit": stats["norm_off_unit"],
         "norm_zero": stats["norm_zero"],
         "norm_histogram": encode_histogram(stats["norm_histogram"]),
@@ -299,7 +339,8 @@ def _output_pandas_metadata(plan: Plan, opts: Options) -> dict[str, Any] | None:
 
     if plan.kind == "parquet_npy":
         add(ROW_NUMBER_COLUMN, ROW_NUMBER_COLUMN)
-    add(opts.score_column, "score")
+    for column in opts.score_columns().values():
+        add(column, "score")
     if opts.threshold is not None:
         add(IS_NSFW_COLUMN, IS_NSFW_COLUMN)
     md["columns"] = columns
@@ -424,6 +465,30 @@ def check_inputs(plan: Plan, part: Part) -> None:
         )
 
 
+def part_stats(scores: dict[str, np.ndarray], norm: dict[str, Any], opts: Options) -> dict[str, Any]:
+    """A part's numbers for the summary: per head NaN count and histogram (over the head's
+    output range), the keep conditions' pass counts, the norm counts.  The top-level
+    ``nan_scores``/``histogram`` are the first head's (the one ``--json`` has always reported)."""
+    per_head = {}
+    for h in opts.heads:
+        lo, hi = HEADS[h].output_range
+        per_head[h] = {"nan": int(np.isnan(scores[h]).sum()), "histogram": histogram(scores[h], lo, hi)}
+    masks = keep_mask(scores, opts.keep)
+    first = per_head[opts.heads[0]]
+    nsfw = scores.get("nsfw")
+    return {
+        "nan_scores": first["nan"],
+        "over_threshold": int((nsfw >= opts.threshold).sum()) if nsfw is not None and opts.threshold is not None else 0,
+        "histogram": first["histogram"],
+        "heads": per_head,
+        "keep_masks": masks,
+        "keep_counts": [int(m.sum()) for m in masks],
+        "norm_off_unit": norm["norm_off_unit"],
+        "norm_zero": norm["norm_zero"],
+        "norm_histogram": norm["norm_histogram"],
+    }
+
+
 def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
     """One task: read, score, write and commit a part, then verify it from its footer.
 
@@ -435,21 +500,16 @@ def run_part(plan: Plan, part: Part, opts: Options) -> dict[str, Any]:
     check_inputs(plan, part)
     table, emb = _load(plan, part, clock)
     clock.lap("read_s")  # parquet input: all of the read (parquet_npy: nothing left, ~0)
-    scores, norms = _score(plan, part, emb, opts) if part.rows else (np.zeros(0, np.float32),) * 2
+    if part.rows:
+        scores, norms = _score(plan, part, emb, opts)
+    else:
+        scores, norms = {h: np.zeros(0, np.float32) for h in opts.heads}, np.zeros(0, np.float32)
     clock.lap("score_s")
     norm = norm_stats(norms)
     _check_norms(plan, part, norm, opts)
-    nan = np.isnan(scores)
-    stats = {
-        "nan_scores": int(nan.sum()),
-        "over_threshold": int((scores >= opts.threshold).sum()) if opts.threshold is not None else 0,
-        "histogram": histogram(scores),
-        "norm_off_unit": norm["norm_off_unit"],
-        "norm_zero": norm["norm_zero"],
-        "norm_histogram": norm["norm_histogram"],
-    }
+    stats = part_stats(scores, norm, opts)
     out = _output_table(plan, part, table, emb, scores, opts, stats)
-    del table, emb
+    del table, emb, stats["keep_masks"]
     clock.lap("build_s")
 
     def before_commit() -> None:

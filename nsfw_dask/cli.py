@@ -190,7 +190,7 @@ _common_options = _options(
         "--model",
         default="vit-l-14",
         type=click.Choice(MODEL_NAMES),
-        help="LAION head: vit-l-14 (768-d CLIP ViT-L/14) or vit-b-32 (512-d); default vit-l-14",
+        help="the CLIP model of the embeddings: vit-l-14 (768-d ViT-L/14) or vit-b-32 (512-d); default vit-l-14",
     ),
     click.option(
         "--model-dir",
@@ -235,7 +235,24 @@ _cluster_options = _options(
     click.option("--no-progress", is_flag=True, help="no progress bar"),
 )
 
+
+def _heads_help() -> str:
+    from .heads import HEADS
+
+    each = "; ".join(f"{h.name} -> {h.score_column}: {h.description}" for h in HEADS.values())
+    return f"the heads to score from one read, comma-separated (default nsfw). {each}"
+
+
 _score_options = _options(
+    click.option("--heads", default="nsfw", metavar="H[,H...]", help=_heads_help()),
+    click.option(
+        "--keep",
+        "keep",
+        multiple=True,
+        metavar="HEAD OP VALUE",
+        help="write only rows passing this, e.g. --keep 'nsfw<0.5' --keep 'aesthetic>=5' (repeatable; all must "
+        "hold; a NaN score passes none; OP: < <= > >=); the summary counts the rows passing each",
+    ),
     click.option(
         "--column",
         default=None,
@@ -354,13 +371,19 @@ def score_command(ctx: click.Context, **opts: Any) -> None:
     "fetch-weights",
     context_settings=CONTEXT_SETTINGS,
     short_help="download and verify the weights, print where they are",
-    help="Download LAION's weights (pinned URL + SHA-256) and print the path.",
+    help="Download the heads' weights (pinned URLs + SHA-256) and print where they are.",
 )
 @click.option("--url", default=None, help="a mirror URL (the pinned SHA-256 still applies)")
 @click.option(
     "--exact",
     is_flag=True,
     help="also fetch LAION's original SavedModel zip and extract its vocabularies (for --exact)",
+)
+@click.option(
+    "--heads",
+    default=None,
+    metavar="H[,H...]",
+    help="only these heads' weights (default: every head with weights for --model: nsfw, aesthetic, aesthetic-v1)",
 )
 @_common_options
 @click.pass_context
@@ -536,6 +559,16 @@ def _print_summary(s: dict[str, Any]) -> None:
         print("score quantiles  " + "  ".join(f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
     else:
         print("score quantiles  (no scores: no rows with an embedding)")
+    heads = s.get("heads") or {}
+    for name, h in list(heads.items())[1:] if len(heads) > 1 else []:  # the first head's line is above
+        hq = h["quantiles"]
+        if any(v is not None for v in hq.values()):
+            print(f"{h['column'] + ' quantiles':<17s}" + "  ".join(f"{k}={v:.3f}" for k, v in hq.items()))
+        if h["nan_scores"]:
+            print(f"{'NaN ' + name + ' scores':<17s}{h['nan_scores']:,}")
+    for k in s.get("keep") or []:
+        pct = 100 * k["rows"] / max(1, s["rows"])
+        print(f"keep {k['condition']:<12s}{k['rows']:,} rows pass ({pct:.2f}%)")
     nq = s.get("norms") or {}
     if nq.get("p50") is not None:
         zero = f", {nq['zero']:,} zero vectors (NaN scores)" if nq.get("normalized") and nq.get("zero") else ""
@@ -600,6 +633,8 @@ def _run_score(args: SimpleNamespace, input_path: str, output: str) -> dict[str,
             interrupted=_interrupted,
             normalize=getattr(args, "normalize", False),
             norm_check=not getattr(args, "no_norm_check", False),
+            heads=getattr(args, "heads", "nsfw"),
+            keep=tuple(getattr(args, "keep", ()) or ()),
         )
     finally:
         if client is not None:
@@ -625,13 +660,22 @@ def cmd_score(args: SimpleNamespace) -> int:
 
 
 def cmd_fetch_weights(args: SimpleNamespace) -> int:
+    from .heads import HEADS, parse_heads
     from .weights import fetch_weights, resolve_file, resolve_weights
 
-    if args.url or args.model_dir:
-        path = fetch_weights(args.model, args.model_dir, url=args.url)
-        print(path)
-    else:
-        print(resolve_weights(args.model, download=True).path)
+    given = getattr(args, "heads", None)
+    try:
+        heads = parse_heads(given) if given else [h for h in HEADS.values() if args.model in h.weights]
+        specs = [h.spec_for(args.model) for h in heads]
+    except ValueError as e:
+        raise CLIError(f"{e}".replace("heads=", "--heads ").replace("model= one", "--model one"), 2) from None
+    if args.url and len(specs) > 1:
+        raise CLIError("--url is one file's mirror: pass --heads naming one head with it", 2)
+    for spec in specs:
+        if args.url or args.model_dir:
+            print(fetch_weights(spec, args.model_dir, url=args.url))
+        else:
+            print(resolve_weights(spec, download=True).path)
     if args.exact:
         from ._specs import get_spec
         from .exact import load_vocabulary, read_savedmodel_vocabulary, write_vocabulary_cache

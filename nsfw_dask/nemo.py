@@ -28,9 +28,33 @@ from .models import Normalization, NSFWModel, get_spec
 from .scoring import DEFAULT_BATCH_SIZE, score_tensor, warn_if_not_unit
 from .weights import fetch_file, fetch_weights, find_weights_in
 
-__all__ = ["NSFWModel", "NSFWScorer", "Normalization"]
+__all__ = ["AestheticScorer", "NSFWModel", "NSFWScorer", "Normalization"]
 
 logger = logging.getLogger(__name__)
+
+
+def _as_tensor(embeddings: torch.Tensor | npt.NDArray[np.floating], dim: int, model: str) -> torch.Tensor:
+    """A ``(batch, dim)`` float tensor over ``embeddings`` (a writeable NumPy array without a copy;
+    NeMo Curator copies it), or a one-line error naming the shape or the cast."""
+    if isinstance(embeddings, np.ndarray):
+        arr = embeddings if embeddings.flags.writeable else embeddings.copy()
+        embeddings = torch.from_numpy(arr)
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"Expected a torch.Tensor or numpy.ndarray but got {type(embeddings).__name__}")
+    if embeddings.ndim == 1:
+        embeddings = embeddings.unsqueeze(0)
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise EmbeddingFormatError(
+            f"Expected embeddings of shape (batch, {dim}) for model {model!r} but got {tuple(embeddings.shape)}."
+        )
+    if not embeddings.is_floating_point():  # as score_nsfw: an integer vector is no CLIP embedding
+        got = str(embeddings.dtype).replace("torch.", "")
+        raise EmbeddingFormatError(
+            f"Expected float embeddings (CLIP's float16/float32) but got {got}; "
+            "cast them (embeddings.astype(np.float32), or .float() for a tensor), after dequantizing "
+            "quantized ones."
+        )
+    return embeddings
 
 
 class NSFWScorer:
@@ -151,27 +175,82 @@ class NSFWScorer:
         if self.nsfw_model is None:
             self.setup()
         assert self.nsfw_model is not None  # set by setup()
-        if isinstance(embeddings, np.ndarray):
-            arr = embeddings if embeddings.flags.writeable else embeddings.copy()
-            embeddings = torch.from_numpy(arr)
-        if not isinstance(embeddings, torch.Tensor):
-            raise TypeError(f"Expected a torch.Tensor or numpy.ndarray but got {type(embeddings).__name__}")
-        if embeddings.ndim == 1:
-            embeddings = embeddings.unsqueeze(0)
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.spec.dim:
-            raise EmbeddingFormatError(
-                f"Expected embeddings of shape (batch, {self.spec.dim}) for model {self.spec.name!r} "
-                f"but got {tuple(embeddings.shape)}."
-            )
-        if not embeddings.is_floating_point():  # as score_nsfw: an integer vector is no CLIP embedding
-            got = str(embeddings.dtype).replace("torch.", "")
-            raise EmbeddingFormatError(
-                f"Expected float embeddings (CLIP's float16/float32) but got {got}; "
-                "cast them (embeddings.astype(np.float32), or .float() for a tensor), after dequantizing "
-                "quantized ones."
-            )
+        embeddings = _as_tensor(embeddings, self.spec.dim, self.spec.name)
         if self.norm_check and not self.normalize:
             warn_if_not_unit([embeddings], "NSFWScorer input")
         dev = resolve_device(self.device)
         bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
         return score_tensor(self.nsfw_model, embeddings, batch_size=bs, device=dev, normalize=self.normalize)
+
+
+class AestheticScorer:
+    """LAION's improved aesthetic predictor; a drop-in for NeMo Curator's ``AestheticScorer``.
+
+    The same network as NeMo Curator's (``nemo_curator/models/aesthetics.py``: its ``MLP`` on the
+    weights of ``sac+logos+ava1-l14-linearMSE.pth``), on nsfw_dask's verified weights and cache.
+    One difference: NeMo Curator's scorer relies on its embedder having L2-normalised the
+    embeddings; this one normalises them itself, as the upstream inference code does
+    (``embeddings / ||embeddings||``; a zero vector scores the network's value at 0), so raw
+    ``encode_image`` outputs score right too.  On unit-length input both agree within float32
+    rounding (``tests/test_heads.py``).
+
+    Parameters
+    ----------
+    model_dir : path, optional
+        Folder searched first for ``sac+logos+ava1-l14-linearMSE.pth`` (then
+        ``$NSFW_DASK_MODEL_DIR``, the user cache, a download).
+    device : str, optional
+        Default ``"cuda"`` when available, else ``"cpu"`` (as NeMo Curator).
+    batch_size : int, optional
+        Rows per forward pass inside one call.
+
+    Examples
+    --------
+    >>> from nsfw_dask.nemo import AestheticScorer
+    >>> scorer = AestheticScorer("/models")  # doctest: +SKIP
+    >>> scorer.setup()  # doctest: +SKIP
+    >>> scorer(embeddings)  # (batch, 768) -> (batch,) float32, ~1..10  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        from .heads import HEADS
+
+        self.spec = HEADS["aesthetic"].spec_for("vit-l-14")
+        self.model_dir = model_dir
+        self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float32
+        self.batch_size = batch_size
+        self.mlp: torch.nn.Module | None = None
+        self.weights_path: str | None = None
+
+    @property
+    def conda_env_name(self) -> str:
+        """``"default"``, as NeMo Curator's ``AestheticScorer``."""
+        return "default"
+
+    @property
+    def model_id_names(self) -> list[str]:
+        """NeMo Curator's model id for these weights: ``["ttj/sac-logos-ava1-l14-linearMSE"]``."""
+        return [self.spec.model_id]
+
+    def setup(self) -> None:
+        """Load the network (once per process; shared with ``score_aesthetic`` and the job)."""
+        mlp = load_model(self.spec, device=self.device, dtype=self.dtype, model_dir=self.model_dir)
+        self.mlp = mlp
+        self.weights_path = str(mlp.weights_info.path)
+
+    def __call__(self, embeddings: torch.Tensor | npt.NDArray[np.floating]) -> torch.Tensor:
+        """Score ``(batch, 768)`` embeddings; float32 scores of shape ``(batch,)`` on ``self.device``."""
+        if self.mlp is None:
+            self.setup()
+        assert self.mlp is not None
+        emb = _as_tensor(embeddings, self.spec.dim, self.spec.name)
+        dev = resolve_device(self.device)
+        bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
+        return score_tensor(self.mlp, emb, batch_size=bs, device=dev)

@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, ParamSpec, TypeVar
 
@@ -58,9 +58,10 @@ from ._plan import (
     real_path,
 )
 from ._specs import get_spec
-from ._task import IS_NSFW_COLUMN, TMP_NAME, Options, part_ok, read_part_info, run_part
+from ._task import IS_NSFW_COLUMN, KEEP_OPS, TMP_NAME, Options, part_ok, read_part_info, run_part
 from ._version import __version__
 from .exceptions import JobError
+from .heads import HEADS, parse_heads
 from .io import is_local, show_path
 from .summary import (  # noqa: F401
     HIST_BINS,
@@ -122,6 +123,10 @@ def _job_description(plan: Plan, opts: Options, rows_per_partition: int) -> dict
         },
         "version": __version__,
     }
+    if opts.heads != ("nsfw",):  # which heads, in which order: their columns (absent: NSFW only)
+        content["options"]["heads"] = list(opts.heads)  # type: ignore[index]
+    if opts.keep:
+        content["options"]["keep"] = [keep_text(k) for k in opts.keep]  # type: ignore[index]
     if opts.normalize:  # changes the scores; absent when off, so earlier jobs keep their ids
         content["options"]["normalize"] = True  # type: ignore[index]
     if plan.partition_columns:  # their values are in the files' paths; their types follow all of them
@@ -147,6 +152,8 @@ _OPTION_FLAGS = {
     "rows_per_partition": "--rows-per-partition",
     "device": "--gpu",
     "normalize": "--normalize",
+    "heads": "--heads",
+    "keep": "--keep",
 }
 
 
@@ -520,6 +527,8 @@ _KEYWORDS = {
     "batch-size": "batch_size=",
     "normalize": "normalize=True",
     "no-norm-check": "norm_check=False",
+    "heads": "heads=",
+    "keep": "keep=",
 }
 
 
@@ -598,6 +607,8 @@ def score_dataset(
     interrupted: threading.Event | None = None,
     normalize: bool = False,
     norm_check: bool = True,
+    heads: str | Sequence[str] = ("nsfw",),
+    keep: Sequence[Any] = (),
 ) -> Summary:
     """Score a parquet or LAION parquet_npy dataset into a committed, resumable parquet folder.
 
@@ -645,6 +656,14 @@ def score_dataset(
         L2-normalise each embedding before scoring (for raw ``encode_image`` outputs; a zero
         vector gets a NaN score and is counted in ``summary.norms["zero"]``).  Part of the job
         description: ``resume`` with another value is refused.
+    heads : str or sequence of str
+        The heads scored from one read of each partition (:mod:`nsfw_dask.heads`): ``"nsfw"``
+        (default), ``"aesthetic"`` (LAION's improved aesthetic predictor, ViT-L/14),
+        ``"aesthetic-v1"`` (LAION-5B's ``aesthetic``); each writes its float32 column
+        (``nsfw_score`` or ``score_column``, ``aesthetic_score``, ``aesthetic_v1_score``).
+    keep : sequence of str or (head, op, value)
+        Write only the rows passing every condition, e.g. ``["nsfw<0.5", "aesthetic>=5"]`` (a
+        NaN score passes none); with ``filter`` both apply.  ``summary.keep`` counts each one.
     norm_check : bool
         Every row's norm is taken while it is scored (``summary.norms``: quantiles, rows off unit
         length by more than 1 %); a partition whose median norm is outside [0.5, 2] is clearly
@@ -689,6 +708,8 @@ def score_dataset(
         resume,
         overwrite,
         rows_per_partition,
+        heads,
+        keep,
     )
     device = "cuda" if gpu else None
     opts = Options(
@@ -721,7 +742,8 @@ def score_dataset(
 
     if gpu and not external:  # --workers beyond the visible GPUs: refused before OUTPUT exists
         _gpu_cluster_options(n_workers, threads_per_worker)
-    resolve_weights(spec.name, opts.model_dir)  # fail fast, on the client, with the fix in the message
+    for h in opts.heads:  # fail fast, on the client, with the fix in the message
+        resolve_weights(HEADS[h].spec_for(spec.name), opts.model_dir)
     if exact:
         from .exact import load_vocabulary
 
@@ -754,7 +776,9 @@ def score_dataset(
         with _cluster(client, n_workers, threads_per_worker, gpu, quiet) as (c, _embedded):
             if todo:
                 c.register_plugin(
-                    NSFWModelPlugin(spec.name, device=device or "cpu", model_dir=opts.model_dir, exact=exact)
+                    NSFWModelPlugin(
+                        spec.name, device=device or "cpu", model_dir=opts.model_dir, exact=exact, heads=opts.heads
+                    )
                 )
                 nthreads = c.nthreads()  # the most tasks in flight at once
                 summary.workers, summary.threads = len(nthreads), sum(nthreads.values())
@@ -804,7 +828,9 @@ def score_dataset(
     summary.compute_seconds = compute_seconds
     summary.seconds = time.perf_counter() - t0
     summary.rows_per_s = rows_scored / compute_seconds if compute_seconds > 0 and rows_scored else 0.0
-    summary.quantiles = quantiles_from_histogram(summary.histogram)
+    lo, hi = HEADS[opts.heads[0]].output_range
+    summary.quantiles = quantiles_from_histogram(summary.histogram, lo=lo, hi=hi)  # the first head's
+    summary.finish_heads(opts.score_columns(), [keep_text(k) for k in opts.keep])
     summary.finish_norms(normalized=opts.normalize)
     return summary
 
@@ -820,7 +846,17 @@ def _validate_options(
     resume: bool,
     overwrite: bool,
     rows_per_partition: Any,
+    heads: Any = ("nsfw",),
+    keep: Any = (),
 ) -> Options:
+    try:
+        head_specs = parse_heads(heads)
+        for h in head_specs:
+            h.spec_for(model)
+    except ValueError as e:
+        raise JobError(_head_flags(str(e)), 2) from None
+    head_names = tuple(h.name for h in head_specs)
+    conditions = tuple(parse_keep(k, head_names) for k in ([keep] if isinstance(keep, str) else keep))
     if not isinstance(score_column, str) or not score_column.strip():
         raise JobError(f"the score column needs a name (--score-column), not {score_column!r}", 2)
     if filter is None:
@@ -843,6 +879,12 @@ def _validate_options(
             "--threshold adds; choose another score column name.",
             2,
         )
+    if "nsfw" not in head_names and (threshold is not None or filter != "none"):
+        raise JobError(
+            f"--threshold and --filter select on the NSFW score, but --heads is {','.join(head_names)}; "
+            "add nsfw to --heads, or filter with --keep (e.g. --keep 'aesthetic>=5').",
+            2,
+        )
     if resume and overwrite:
         raise JobError("--resume keeps the committed parts and --overwrite deletes them; pass one.", 2)
     if not isinstance(rows_per_partition, int) or isinstance(rows_per_partition, bool) or rows_per_partition < 1:
@@ -857,7 +899,55 @@ def _validate_options(
         batch_size=batch_size,
         device=None,
         model_dir=None,
+        heads=head_names,
+        keep=conditions,
     )
+
+
+def _head_flags(message: str) -> str:
+    """A head error from :mod:`nsfw_dask.heads` (worded for ``score_heads``) for the job."""
+    return message.replace("heads=", "--heads ").replace("model= one of those", "--model one of those")
+
+
+def parse_keep(condition: Any, heads: tuple[str, ...]) -> tuple[str, str, float]:
+    """``"aesthetic>=5"`` / ``"aesthetic_score >= 5"`` / ``("aesthetic", ">=", 5)`` -> ``("aesthetic", ">=", 5.0)``.
+
+    The head may be named by its name or its score column; it must be among ``heads``.
+    """
+    if isinstance(condition, str):
+        m = re.fullmatch(r"\s*([A-Za-z][\w-]*)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*", condition)
+        if m is None:
+            raise JobError(
+                f"--keep {condition!r} is not HEAD OP VALUE; write e.g. --keep 'aesthetic>=5' or "
+                "--keep 'nsfw<0.5' (OP one of <, <=, >, >=)",
+                2,
+            )
+        name, op, raw = m.groups()
+    else:
+        try:
+            name, op, raw = condition
+        except (TypeError, ValueError):
+            raise JobError(f"a --keep condition is (head, op, value), not {condition!r}", 2) from None
+    by_column = {HEADS[h].score_column: h for h in heads}
+    head = by_column.get(str(name), str(name).replace("_", "-"))
+    if head not in heads:
+        raise JobError(
+            f"--keep {condition!r} names {name!r}, which is not a head scored here ({','.join(heads)}); "
+            "add it to --heads, or keep on one of those.",
+            2,
+        )
+    if op not in KEEP_OPS:
+        raise JobError(f"--keep {condition!r}: OP must be one of {sorted(KEEP_OPS)}", 2)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise JobError(f"--keep {condition!r}: {raw!r} is not a number", 2) from None
+    return head, op, value
+
+
+def keep_text(condition: tuple[str, str, float]) -> str:
+    head, op, value = condition
+    return f"{HEADS[head].score_column} {op} {value:g}"
 
 
 def _check_column_clashes(plan: Plan, opts: Options) -> None:
@@ -866,10 +956,15 @@ def _check_column_clashes(plan: Plan, opts: Options) -> None:
     existing += [name for name, _ in plan.partition_columns]
     if opts.keep_embeddings:
         existing.append(plan.column)
+    columns = opts.score_columns()
     if opts.score_column == plan.column:
         raise JobError(f"--score-column {opts.score_column!r} is the embedding column; choose another name.", 2)
-    if opts.score_column in existing:
-        raise JobError(f"INPUT already has a column {opts.score_column!r}; pass --score-column with another name.", 2)
+    for head, column in columns.items():
+        if column in existing or column == plan.column:
+            fix = "pass --score-column with another name" if head == "nsfw" else "rename that column in INPUT"
+            raise JobError(f"INPUT already has a column {column!r}, which the {head} head writes; {fix}.", 2)
+    if len(set(columns.values())) < len(columns):
+        raise JobError(f"--score-column {opts.score_column!r} is another head's column; choose another name.", 2)
     if opts.threshold is not None and IS_NSFW_COLUMN in existing:
         raise JobError(
             f"INPUT already has a column {IS_NSFW_COLUMN!r}, which --threshold adds; rename or "
@@ -1047,6 +1142,11 @@ def _reusable_parts(plan: Plan, names: list[str]) -> dict[int, dict[str, Any]]:
             "norm_off_unit": info.get("norm_off_unit", 0),  # parts written before the norm check: none
             "norm_zero": info.get("norm_zero", 0),
             "norm_histogram": decode_histogram(info["norm_histogram"]) if "norm_histogram" in info else None,
+            "heads": {
+                h: {"nan": v["nan"], "histogram": decode_histogram(v["histogram"])}
+                for h, v in (info.get("heads") or {}).items()
+            },
+            "keep_counts": info.get("keep_counts") or [],
         }
 
     reused = {}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ._specs import get_spec
+from .heads import parse_heads
 
 __all__ = ["NSFWModelPlugin"]
 
@@ -30,6 +32,9 @@ class NSFWModelPlugin(WorkerPlugin):
         As for ``score_nsfw``; resolved on each worker.
     exact : bool, default False
         Preload the exact-mode model (``score_nsfw(..., exact=True)``) as well.
+    heads : str or sequence of str, default ("nsfw",)
+        The heads the tasks score together (``score_heads(..., heads=...)``, ``--heads``): each
+        one's weights are loaded, and the set they are scored with.
 
     Examples
     --------
@@ -49,17 +54,25 @@ class NSFWModelPlugin(WorkerPlugin):
         device: str | None = None,
         model_dir: str | os.PathLike[str] | None = None,
         exact: bool = False,
+        heads: str | Sequence[str] = ("nsfw",),
     ) -> None:
         self.model = get_spec(model).name  # validated on the client
+        self.heads = tuple(h.name for h in parse_heads(heads))
+        for h in parse_heads(heads):
+            h.spec_for(self.model)
         self.device = device
         self.model_dir = None if model_dir is None else str(model_dir)
         self.exact = bool(exact)
-        self.name = f"nsfw-dask-{self.model}-{device or 'auto'}{'-exact' if exact else ''}"
+        extra = "" if self.heads == ("nsfw",) else "-" + "+".join(self.heads)
+        self.name = f"nsfw-dask-{self.model}-{device or 'auto'}{'-exact' if exact else ''}{extra}"
 
     def setup(self, worker: Any = None) -> None:
         import torch  # on the worker: the client that registers the plugin needs no torch
 
-        from .loading import load_model
+        from .loading import load_heads, load_model
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        load_model(self.model, device=device, model_dir=self.model_dir, exact=self.exact)
+        if self.heads == ("nsfw",):
+            load_model(self.model, device=device, model_dir=self.model_dir, exact=self.exact)
+        else:  # every head's weights, and the head set the tasks score with
+            load_heads(self.heads, self.model, device=device, model_dir=self.model_dir, exact=self.exact)

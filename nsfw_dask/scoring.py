@@ -41,6 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def _cpu_batch_size() -> int:
     """Rows per forward pass on this CPU, as measured (``make bench``: ``score_nsfw_by_batch``).
 

@@ -74,13 +74,39 @@ class Summary:
     norm_histogram: np.ndarray = field(default_factory=lambda: np.zeros(NORM_HIST_BINS, np.int64), repr=False)
     norm_off_unit: int = field(default=0, repr=False)
     norm_zero: int = field(default=0, repr=False)
+    #: Per head (``--heads``): ``column``, ``nan_scores``, ``quantiles`` (each the lower edge of a
+    #: 1/10,000 bin of the head's output range); the top-level ``nan_scores``/``quantiles`` are
+    #: the first head's.
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``--keep`` conditions and how many rows passed each (rows written pass all of them)
+    keep: list[dict[str, Any]] = field(default_factory=list)
+    head_histograms: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    head_nan: dict[str, int] = field(default_factory=dict, repr=False)
+    keep_counts: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: every field but the histograms and the raw norm counts (in ``norms``)."""
         d = asdict(self)
-        for k in ("histogram", "norm_histogram", "norm_off_unit", "norm_zero"):
+        for k in ("histogram", "norm_histogram", "norm_off_unit", "norm_zero", "head_histograms", "head_nan"):
             d.pop(k)
+        d.pop("keep_counts")
         return d
+
+    def finish_heads(self, columns: dict[str, str], keep: list[str]) -> None:
+        """Fill :attr:`heads` and :attr:`keep` from the per-part counts (once, at the end)."""
+        from .heads import HEADS
+
+        self.heads = {}
+        for h, column in columns.items():
+            lo, hi = HEADS[h].output_range
+            hist = self.head_histograms.get(h, np.zeros(HIST_BINS, np.int64))
+            self.heads[h] = {
+                "column": column,
+                "nan_scores": self.head_nan.get(h, 0),
+                "quantiles": quantiles_from_histogram(hist, lo=lo, hi=hi),
+            }
+        counts = self.keep_counts or [0] * len(keep)
+        self.keep = [{"condition": c, "rows": n} for c, n in zip(keep, counts)]
 
     def finish_norms(self, *, normalized: bool) -> None:
         """Fill :attr:`norms` from the per-part counts (the client calls it once, at the end)."""
@@ -93,16 +119,19 @@ class Summary:
         }
 
 
-def histogram(scores: np.ndarray) -> np.ndarray:
-    """Counts of the finite scores in ``HIST_BINS`` equal bins of [0, 1] (bin k: [k, k+1) / HIST_BINS)."""
+def histogram(scores: np.ndarray, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """Counts of the finite scores in ``HIST_BINS`` equal bins of [lo, hi] (bin k:
+    ``lo + [k, k+1) * (hi - lo) / HIST_BINS``); scores outside are counted in the end bins."""
     v = np.asarray(scores, dtype=np.float64)
     v = v[np.isfinite(v)]
-    k = np.clip(np.floor(v * HIST_BINS), 0, HIST_BINS - 1).astype(np.intp)
+    k = np.clip(np.floor((v - lo) * (HIST_BINS / (hi - lo))), 0, HIST_BINS - 1).astype(np.intp)
     return np.bincount(k, minlength=HIST_BINS).astype(np.int64)
 
 
-def quantiles_from_histogram(hist: np.ndarray, qs: tuple[float, ...] = QUANTILES) -> dict[str, float | None]:
-    """Each quantile as the lower edge of its bin: the true value lies in [q, q + 1/HIST_BINS).
+def quantiles_from_histogram(
+    hist: np.ndarray, qs: tuple[float, ...] = QUANTILES, lo: float = 0.0, hi: float = 1.0
+) -> dict[str, float | None]:
+    """Each quantile as the lower edge of its bin: the true value lies in [q, q + (hi - lo)/HIST_BINS).
 
     Same definition as ``np.quantile(scores, q, method="inverted_cdf")``: the smallest score
     whose share of rows at or below it reaches q.
@@ -116,7 +145,7 @@ def quantiles_from_histogram(hist: np.ndarray, qs: tuple[float, ...] = QUANTILES
             out[key] = None
             continue
         k = int(np.searchsorted(cum, q * n, side="left"))
-        out[key] = k / HIST_BINS
+        out[key] = round(lo + k * (hi - lo) / HIST_BINS, 10)
     return out
 
 
@@ -161,6 +190,13 @@ def add_part(summary: Summary, r: dict[str, Any]) -> None:
     summary.nan_scores += r["nan_scores"]
     summary.over_threshold += r["over_threshold"]
     summary.histogram = summary.histogram + r["histogram"]
+    for h, v in (r.get("heads") or {}).items():
+        prev = summary.head_histograms.get(h)
+        summary.head_histograms[h] = v["histogram"] if prev is None else prev + v["histogram"]
+        summary.head_nan[h] = summary.head_nan.get(h, 0) + v["nan"]
+    counts = r.get("keep_counts") or []
+    if counts:
+        summary.keep_counts = [a + b for a, b in zip(summary.keep_counts or [0] * len(counts), counts)]
     summary.norm_off_unit += r.get("norm_off_unit", 0)
     summary.norm_zero += r.get("norm_zero", 0)
     if r.get("norm_histogram") is not None:

@@ -147,9 +147,9 @@ def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
         got = sha256_file(path)
         if got != spec.sha256:
             raise WeightsIntegrityError(
-                f"Weights file {path} is truncated, corrupted or not LAION's {spec.clip_model} head: "
+                f"Weights file {path} is truncated, corrupted or not {spec.what}: "
                 f"sha256 {got}, expected {spec.sha256} ({path.stat().st_size} bytes). "
-                f"Delete it and run `nsfw-dask fetch-weights --model {spec.name}`, or download "
+                f"Delete it and run `{spec.fetch_command}`, or download "
                 f"{spec.url} again."
             )
         return WeightsInfo(spec, path, f"sha256:{got}")
@@ -167,7 +167,7 @@ def _verify(spec: ModelSpec, path: Path) -> WeightsInfo:
     expected = spec.content_digest or None  # pinned in MODEL_SPECS (nsfw_dask._specs)
     if got != expected:
         raise WeightsIntegrityError(
-            f"Weights file {path} does not hold LAION's {spec.clip_model} head (tensor digest {got}, "
+            f"Weights file {path} does not hold {spec.what} (tensor digest {got}, "
             f"expected {expected}). Delete it, or use LAION's {spec.filename} (sha256 {spec.sha256})."
         )
     return WeightsInfo(spec, path, f"tensors:{got}")
@@ -221,7 +221,7 @@ def resolve_weights(
     """
     spec = get_spec(model)
     return _resolve(
-        f"weights for {spec.name} ({spec.clip_model})",
+        f"weights for {spec.name} ({spec.what})",
         spec.filename,
         spec.url,
         spec.sha256,
@@ -293,7 +293,7 @@ def fetch_weights(
         timeout=timeout,
         force=force,
         copy_from=copy_from,
-        model=spec.name,
+        model=spec.fetch_command.removeprefix("nsfw-dask fetch-weights "),  # its flags: --model M (--heads H)
     )
 
 
@@ -472,9 +472,7 @@ def _probe(url: str, timeout: float) -> None:
 
 
 def _unreachable_message(filename: str, url: str, sha256: str, target: Path, reason: str, model: str | None) -> str:
-    verify = (
-        "nsfw-dask fetch-weights" + (f" --model {model}" if model else "") + f" --model-dir {shlex.quote(str(target))}"
-    )
+    verify = "nsfw-dask fetch-weights" + (f" {model}" if model else "") + f" --model-dir {shlex.quote(str(target))}"
     return (
         f"Cannot download {filename} from {url}: {reason} (no network, or the server is "
         f"unreachable). Download it on a machine with internet access and copy it into "
