@@ -25,7 +25,7 @@ from .exceptions import (
 )
 from .loading import load_model, resolve_device
 from .models import Normalization, NSFWModel, get_spec
-from .scoring import DEFAULT_BATCH_SIZE, score_tensor, warn_if_not_unit
+from .scoring import _default_batch_size, score_tensor, warn_if_not_unit
 from .weights import fetch_file, fetch_weights, find_weights_in
 
 __all__ = ["AestheticScorer", "NSFWModel", "NSFWScorer", "Normalization"]
@@ -70,7 +70,8 @@ class NSFWScorer:
     device : str, optional
         Default ``"cuda"`` when available, else ``"cpu"`` (as NeMo Curator).
     batch_size : int, optional
-        Rows per forward pass inside one call (default ``DEFAULT_BATCH_SIZE`` for the device).
+        Rows per forward pass inside one call (default: the best measured for the device, CPU and
+        thread count; see :func:`nsfw_dask.score_nsfw`).
     exact : bool, default False
         ``True`` reproduces LAION's original AutoKeras model (LAION-5B's ``punsafe``) instead of
         NeMo Curator's port; see :func:`nsfw_dask.score_nsfw` and README, "Exact mode".
@@ -179,7 +180,7 @@ class NSFWScorer:
         if self.norm_check and not self.normalize:
             warn_if_not_unit([embeddings], "NSFWScorer input")
         dev = resolve_device(self.device)
-        bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
+        bs = self.batch_size or _default_batch_size(dev)
         return score_tensor(self.nsfw_model, embeddings, batch_size=bs, device=dev, normalize=self.normalize)
 
 
@@ -252,5 +253,5 @@ class AestheticScorer:
         assert self.mlp is not None
         emb = _as_tensor(embeddings, self.spec.dim, self.spec.name)
         dev = resolve_device(self.device)
-        bs = self.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
+        bs = self.batch_size or _default_batch_size(dev)
         return score_tensor(self.mlp, emb, batch_size=bs, device=dev)

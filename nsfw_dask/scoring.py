@@ -43,25 +43,30 @@ logger = logging.getLogger(__name__)
 
 
 def _cpu_batch_size() -> int:
-    """Rows per forward pass on this CPU, as measured (``make bench``: ``score_nsfw_by_batch``).
+    """Rows per forward pass on this CPU, now, as measured (``make bench``: ``score_nsfw_by_batch``).
 
-    Interleaved medians of ``score_nsfw`` on a 262,144-row partition, 2 threads: on a 2-core Intel
-    Xeon with AVX-512/AMX 4,096 rows ran at 0.90 G and 1,024 at 0.87 G (2026-12-05); on a 2-core AMD
-    EPYC (AVX2) 1,024 was the best (docs/performance.md).  The vector ISA is what tells the two
-    apart here; the scores do not depend on the batch size (bitwise), only the speed does.
+    Interleaved medians on a 2-core Intel Xeon with AVX-512/AMX (2026-12-05): with 2 torch threads
+    ``score_nsfw`` ran at 0.90 G with 4,096 rows and 0.87 G with 1,024; with 1 thread (a Dask
+    worker's: ``OMP_NUM_THREADS=1``), float16 input with the job's norms, 0.93 G₁ with 1,024 and
+    0.77 G₁ with 4,096 (a 12 MB block leaves the core's L2).  On a 2-core AMD EPYC (AVX2) 1,024
+    was the best (docs/performance.md).  The scores do not depend on it (bitwise), only the speed.
     """
     try:
-        return 4096 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 1024
+        wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     except Exception:  # pragma: no cover - an older torch without get_cpu_capability
-        return 1024
+        wide = False
+    return 4096 if wide and torch.get_num_threads() > 1 else 1024
 
 
-#: Rows per forward pass when ``batch_size=None``.  CPU: the best measured for the CPU kind
-#: (:func:`_cpu_batch_size`); CUDA: one fixed block (``_forward.CUDA_BLOCK_ROWS``; not measured here).
+#: Rows per forward pass when ``batch_size=None``, as measured for this CPU and thread count at
+#: import (:func:`_cpu_batch_size`; each call decides again, since a Dask worker's thread count
+#: may differ); CUDA: one fixed block (``_forward.CUDA_BLOCK_ROWS``; not measured here).
 DEFAULT_BATCH_SIZE = {"cpu": _cpu_batch_size(), "cuda": 32768}
 
 
 def _default_batch_size(device: torch.device) -> int:
+    if device.type == "cpu":
+        return _cpu_batch_size()
     return DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"])
 
 
