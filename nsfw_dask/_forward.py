@@ -181,13 +181,14 @@ class Runner:
                 ]
                 if self.encoding is not None:
                     self.cat_mean = self.mean[self.encoding.columns]
-            # The linear heads: each one affine map (folded in float64, rounded once), all of them
-            # one (dim, k) GEMM per batch on the prepared block.
+            # The linear heads: each one affine map (folded in float64, rounded once): one dot
+            # product per row on the prepared block.
             self.lin_pos = [i for i, _ in lin]
             self.lin_w: torch.Tensor | None = None
             if lin:
                 folded = [cast(_Foldable, m).fold() for _, m in lin]
                 self.lin_w = torch.stack([w for w, _ in folded], dim=1).to(self.dtype).contiguous().to(device)
+                self.lin_cols = [self.lin_w[:, j : j + 1].contiguous() for j in range(len(folded))]
                 self.lin_b = torch.tensor([b for _, b in folded], dtype=torch.float64).to(self.dtype).to(device)
                 # a zero vector: upstream v2 replaces the zero norm by 1 (its score is the bias),
                 # v1 divides by it (0/0: NaN)
@@ -223,7 +224,7 @@ class Runner:
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.x_norm = torch.empty(n, self.dim, **kw)
         self.hidden = [torch.empty(n, w.shape[1], **kw) for w, _ in self.layers]
-        self.lin_out = None if self.lin_w is None else torch.empty(n, self.lin_w.shape[1], **kw)
+        self.lin_out = None if self.lin_w is None else torch.empty(self.lin_w.shape[1], n, **kw)
         self.x_in = None  # allocated only if a batch is staged from the host
         self._pinned = [None, None]  # a copy still reading the old ones keeps them (torch's host allocator)
         self._pinned_done = [None, None]
@@ -417,7 +418,11 @@ class Runner:
         same bits), then the division by the norm the head's upstream code normalises by.
         """
         assert self.lin_w is not None and self.lin_out is not None
-        dots = torch.mm(h, self.lin_w, out=self.lin_out[:m])[:n]
+        # one (m, dim) x (dim, 1) product per head, never one (dim, k) GEMM: MKL picks other
+        # kernels for k = 1 and k = 2, and a head's bits must not depend on which others run
+        for j, w in enumerate(self.lin_cols):
+            torch.mm(h, w, out=self.lin_out[j, :m].unsqueeze(1))
+        dots = self.lin_out[:, :n].t()
         denom = nrm.unsqueeze(1).expand(n, dots.shape[1])
         denom = torch.where((denom == 0) & self.lin_zero_to_one, torch.ones_like(denom), denom)
         scores = dots / denom + self.lin_b

@@ -262,9 +262,15 @@ def test_parquet_npy_row_count_mismatch(tmp_path, l14_ref):
 
 
 def test_fetch_weights_prints_verified_path(weights_dir):
+    """Every head with weights for the model (issue 22): the NSFW head, then aesthetic v1."""
     r = run_cli("fetch-weights", "--model", "vit-b-32", env={"NSFW_DASK_MODEL_DIR": str(weights_dir)})
     assert r.returncode == 0, r.stderr
-    assert Path(r.stdout.strip()) == (weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth").resolve()
+    assert [Path(p) for p in r.stdout.split()] == [
+        (weights_dir / "clip_ViT-B-32_openai_binary_nsfw_head.pth").resolve(),
+        (weights_dir / "sa_0_4_vit_b_32_linear.pth").resolve(),
+    ]
+    r = run_cli("fetch-weights", "--heads", "aesthetic", "--model", "vit-b-32")
+    assert r.returncode == 2 and "'aesthetic' head has no weights for vit-b-32" in r.stderr, r.stderr
 
 
 def test_null_embeddings_are_not_labelled_safe(tmp_path, l14_ref, shared):

@@ -454,7 +454,9 @@ def test_cli_fetch_weights_exact_caches_the_vocabulary(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
+    # every head with weights for vit-b-32 (the NSFW head, then aesthetic v1), then the zip
     assert lines[0].endswith("clip_ViT-B-32_openai_binary_nsfw_head.pth")
-    assert lines[1].endswith("clip_autokeras_nsfw_b32.zip")
+    assert lines[1].endswith("sa_0_4_vit_b_32_linear.pth")
+    assert lines[2].endswith("clip_autokeras_nsfw_b32.zip") and len(lines) == 3
     cached = tmp_path / "cache" / "clip_autokeras_nsfw_b32.vocab.json"
     assert json.loads(cached.read_text())["digest"] == MODEL_SPECS["vit-b-32"].keras.vocab_digest

@@ -189,7 +189,7 @@ def test_cli_fetch_weights_copies_a_local_verified_file(tmp_path: Path, weights_
         NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_OFFLINE="1", NSFW_DASK_CACHE_DIR=str(tmp_path / "cache")
     )
     r = subprocess.run(
-        [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--model-dir", str(target)],
+        [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--heads", "nsfw", "--model-dir", str(target)],
         check=False,
         capture_output=True,
         text=True,
@@ -201,6 +201,30 @@ def test_cli_fetch_weights_copies_a_local_verified_file(tmp_path: Path, weights_
     assert Path(r.stdout.strip()) == target / L14.filename
     assert sha256_file(target / L14.filename) == L14.sha256
     assert names(target) == {L14.filename}
+
+
+def test_cli_fetch_weights_copies_every_heads_file_by_default(tmp_path: Path, weights_dir: Path) -> None:
+    """Issue 22: ``fetch-weights`` fetches the files of every head with weights for ``--model``."""
+    from nsfw_dask.heads import HEADS
+
+    target = tmp_path / "models"
+    env = cli_env(
+        NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_OFFLINE="1", NSFW_DASK_CACHE_DIR=str(tmp_path / "cache")
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--model-dir", str(target)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    specs = [h.spec_for("vit-l-14") for h in HEADS.values()]
+    assert [Path(p) for p in r.stdout.split()] == [target / s.filename for s in specs]
+    assert names(target) == {s.filename for s in specs}
+    for s in specs:
+        assert sha256_file(target / s.filename) == s.sha256
 
 
 COPY_CHILD = r"""
@@ -352,11 +376,12 @@ def test_cli_fetch_weights_offline_no_copy(tmp_path: Path, how: str) -> None:
             NSFW_DASK_OFFLINE="1",
             NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"),
         )
-        cmd = [sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--model-dir", str(target)]
+        cmd = [sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--heads", "nsfw", "--model-dir", str(target)]
         url, cause = L14.url, "Name or service not known"
     else:
         env = cli_env(NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"))
-        cmd = [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--model-dir", str(target), "--url", DEAD_URL]
+        cmd = [sys.executable, "-m", "nsfw_dask", "fetch-weights", "--heads", "nsfw", "--model-dir", str(target)]
+        cmd += ["--url", DEAD_URL]
         url, cause = DEAD_URL, "Connection refused"
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
     line = _one_error_line(r)
@@ -370,7 +395,7 @@ def test_cli_fetch_weights_dns_failure_copies_when_env_dir_has_it(tmp_path: Path
     target = tmp_path / "models"
     env = cli_env(NSFW_DASK_MODEL_DIR=str(weights_dir), NSFW_DASK_CACHE_DIR=str(tmp_path / "cache"))
     r = subprocess.run(
-        [sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--model-dir", str(target)],
+        [sys.executable, "-c", NO_DNS_CLI, "fetch-weights", "--heads", "nsfw", "--model-dir", str(target)],
         check=False,
         capture_output=True,
         text=True,

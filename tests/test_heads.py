@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from conftest import REFERENCE_DIR
 
 from nsfw_dask import load_model, score_nsfw
 from nsfw_dask.heads import HEADS, get_head, parse_heads
@@ -31,7 +32,6 @@ from nsfw_dask.heads.aesthetic import AestheticLinear, AestheticMLP
 from nsfw_dask.scoring import score_aesthetic, score_heads
 
 from _frames import make_frame
-from conftest import REFERENCE_DIR
 
 pytestmark = pytest.mark.weights
 
@@ -255,3 +255,95 @@ def test_nemo_aesthetic_scorer(aes, l14_x):
         nemo = mlp.eval()(torch.from_numpy(unit)).view(-1).numpy()
     np.testing.assert_allclose(scorer(unit).numpy(), nemo, rtol=0, atol=TOL)
     assert isinstance(load_model("aesthetic-v1-vit-b-32"), AestheticLinear)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _npy_folder(root, x: np.ndarray, files: int = 2):
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    for i, part in enumerate(np.array_split(x, files)):
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", part)
+        pd.DataFrame({"key": [f"{i}-{j}" for j in range(len(part))]}).to_parquet(
+            root / "metadata" / f"metadata_{i}.parquet"
+        )
+    return root
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "nsfw_dask", "score", *args], capture_output=True, text=True)
+
+
+def _read(out) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted(out.glob("part.*.parquet"))], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def unit_rows(l14_ref) -> np.ndarray:
+    """1,000 of the reference set's unit-norm rows (float32)."""
+    return np.ascontiguousarray(l14_ref["inputs"][:1000])
+
+
+def test_cli_two_heads_one_read_keep_and_summary(tmp_path, unit_rows, shared_scheduler):
+    import json
+
+    src = _npy_folder(tmp_path / "in", unit_rows)
+    out = tmp_path / "out"
+    r = _cli(
+        str(src), str(out), "--heads", "nsfw,aesthetic", "--keep", "nsfw<0.5", "--keep", "aesthetic_score >= 4.5",
+        "--json", "--scheduler", shared_scheduler, "--no-progress",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    want = score_heads(_frame(unit_rows), heads=("nsfw", "aesthetic"))
+    ns, ae = want["nsfw_score"].to_numpy(), want["aesthetic_score"].to_numpy()
+    keep = (ns < 0.5) & (ae >= 4.5)
+    assert 0 < keep.sum() < len(keep)
+    got = _read(out)
+    assert list(got.columns) == ["row_number", "key", "nsfw_score", "aesthetic_score"]
+    assert got["row_number"].tolist() == np.flatnonzero(keep).tolist()  # order kept, only passing rows
+    for col in ("nsfw_score", "aesthetic_score"):  # another process, same machine: the same bits
+        assert np.array_equal(_bits(got[col].to_numpy()), _bits(want[col].to_numpy()[keep])), col
+    assert s["rows"] == 1000 and s["rows_written"] == int(keep.sum())
+    assert s["keep"] == [
+        {"condition": "nsfw_score < 0.5", "rows": int((ns < 0.5).sum())},
+        {"condition": "aesthetic_score >= 4.5", "rows": int((ae >= 4.5).sum())},
+    ]
+    assert set(s["heads"]) == {"nsfw", "aesthetic"} and s["heads"]["aesthetic"]["column"] == "aesthetic_score"
+    q = s["heads"]["aesthetic"]["quantiles"]
+    assert q["p50"] <= float(np.quantile(ae, 0.5, method="inverted_cdf")) < q["p50"] + 0.001 + 1e-9
+    job = json.loads((out / "_nsfw_dask_job.json").read_text())
+    assert job["options"]["heads"] == ["nsfw", "aesthetic"]
+    # the heads are part of the job: --resume with others is refused, saying so
+    r = _cli(str(src), str(out), "--resume", "--scheduler", shared_scheduler, "--no-progress")
+    assert r.returncode == 2 and "--heads was ['nsfw', 'aesthetic'], now None" in r.stderr, r.stderr
+
+
+def test_cli_head_errors_are_one_line(tmp_path, unit_rows):
+    src = _npy_folder(tmp_path / "in", unit_rows[:20])
+    for args, want in (
+        (["--heads", "aesthetic", "--model", "vit-b-32"], "'aesthetic' head has no weights for vit-b-32"),
+        (["--heads", "aesthetic", "--threshold", "0.5"], "add nsfw to --heads, or filter with --keep"),
+        (["--heads", "nsfw", "--keep", "aesthetic>=5"], "not a head scored here"),
+        (["--keep", "nsfw=0.5"], "is not HEAD OP VALUE"),
+        (["--heads", "nsfw,punsafe"], "Expected a head among"),
+    ):
+        r = _cli(str(src), str(tmp_path / "o"), *args, "--no-progress")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and want in lines[0], (args, r.stderr)
+
+
+def test_cli_aesthetic_alone_scores_raw_embeddings_without_a_norm_refusal(tmp_path, unit_rows, shared_scheduler):
+    """The aesthetic heads normalise their input (the norm check's refusal is the NSFW head's)."""
+    raw = _npy_folder(tmp_path / "raw", 15 * unit_rows)
+    r = _cli(str(raw), str(tmp_path / "o"), "--heads", "aesthetic-v1", "--scheduler", shared_scheduler, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    got = _read(tmp_path / "o")["aesthetic_v1_score"].to_numpy()
+    want = score_aesthetic(_frame(unit_rows), head="aesthetic-v1")["aesthetic_score"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+    r = _cli(str(raw), str(tmp_path / "o2"), "--heads", "nsfw,aesthetic", "--scheduler", shared_scheduler)
+    assert r.returncode == 1 and "--normalize" in r.stderr  # with the NSFW head: refused as before

@@ -164,7 +164,7 @@ def test_nemo_module_holds_nemo_classes() -> None:
     assert nsfw_dask.nemo.NSFWScorer.__module__ == "nsfw_dask.nemo"
     assert nsfw_dask.nemo.NSFWModel is nsfw_dask.NSFWModel is nsfw_dask.models.NSFWModel
     assert nsfw_dask.nemo.Normalization is nsfw_dask.Normalization is nsfw_dask.models.Normalization
-    assert sorted(nsfw_dask.nemo.__all__) == ["NSFWModel", "NSFWScorer", "Normalization"]
+    assert sorted(nsfw_dask.nemo.__all__) == ["AestheticScorer", "NSFWModel", "NSFWScorer", "Normalization"]
     assert nsfw_dask.scorer.__all__ == ["NSFWScorer"]
 
 
