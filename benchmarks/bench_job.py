@@ -40,6 +40,10 @@ load) cancel and what remains is the per-row cost of the job at scale.  Runs are
   without the page-cache pages of the memory-mapped .npy) is reported next to RSS.
 * ``keep_embeddings``: default vs ``--keep-embeddings`` (binary) vs ``--keep-embeddings list`` on
   LARGE parquet_npy: wall, rows/s (rows / median wall, whole process), output size.
+* ``heads`` (issue 22): ``--heads nsfw,aesthetic`` on the list<float32> parquet copy and on
+  parquet_npy, and ``--heads aesthetic`` alone on the parquet copy, timed like the others:
+  marginal time of both heads over NSFW only (targets <= 1.1 parquet, <= 1.2 parquet_npy) and of
+  two separate runs (NSFW only + aesthetic only) over one read of both (target >= 1.8).
 * ``projection``: hours to score 5.85e9 embeddings on ONE node like this one at the measured CLI
   marginal rate (CPU, this machine's cores) -- a projection, not a measurement.
 
@@ -361,9 +365,13 @@ class Runner:
 
     def command(self, kind: str, src: str) -> list[str]:
         if kind.startswith("cli"):
-            extra = {"cli_keep_binary": ["--keep-embeddings"], "cli_keep_list": ["--keep-embeddings", "list"]}.get(
-                kind, []
-            )
+            extra = {
+                "cli_keep_binary": ["--keep-embeddings"],
+                "cli_keep_list": ["--keep-embeddings", "list"],
+                "cli_npy_heads": ["--heads", "nsfw,aesthetic"],
+                "cli_parquet_heads": ["--heads", "nsfw,aesthetic"],
+                "cli_parquet_aesthetic": ["--heads", "aesthetic"],
+            }.get(kind, [])
             return self.cli(src, *extra)
         if kind == "script_npy":
             return [sys.executable, str(self.user_script), src, str(self.out_dir)]
@@ -596,6 +604,8 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
             result.setdefault("warmup", []).append(runner.run(kind, "small", src, record=False))
 
     kinds = [("cli_npy", "npy"), ("script_npy", "npy"), ("cli_parquet", "parquet"), ("read_only_parquet", "parquet")]
+    if not args.no_heads:  # issue 22: two heads from one read, against NSFW only and two runs
+        kinds += [("cli_parquet_heads", "parquet"), ("cli_parquet_aesthetic", "parquet"), ("cli_npy_heads", "npy")]
     keep = [] if args.no_keep_embeddings else ["cli_keep_binary", "cli_keep_list"]
     mem_rpp = rows["small"]  # SMALL is one partition; LARGE is many of the same size
     # --quick saves two processes: the memory figures come from its timed cli_npy runs, which then
@@ -670,6 +680,9 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
         "read_only_marginal_rows_per_s": fig["read_only_parquet"].get("marginal_rows_per_s"),
     }
 
+    if not args.no_heads:
+        fig["heads"] = heads_figures(fig)
+
     mem: dict[str, Any] = {"rows_per_partition": mem_rpp, "runs": mem_kind}
     for size in ("small", "large"):
         rec = runner.raw[f"{mem_kind}/{size}"][0]
@@ -727,6 +740,29 @@ def run_all(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> Non
     result["raw"] = runner.raw
 
 
+def heads_figures(fig: dict[str, Any]) -> dict[str, Any]:
+    """Issue 22: ``--heads nsfw,aesthetic`` against the NSFW-only job and against two runs (one
+    per head), as ratios of marginal times (whole processes, the same interleaved rounds)."""
+
+    def t(kind: str) -> float | None:
+        v = fig.get(kind, {}).get("marginal_s")
+        return v if v and v > 0 else None
+
+    both_pq, nsfw_pq, aes_pq = t("cli_parquet_heads"), t("cli_parquet"), t("cli_parquet_aesthetic")
+    both_npy, nsfw_npy = t("cli_npy_heads"), t("cli_npy")
+    out: dict[str, Any] = {
+        "parquet_heads_over_nsfw_only": both_pq / nsfw_pq if both_pq and nsfw_pq else None,
+        "parquet_two_runs_over_one_read": (nsfw_pq + aes_pq) / both_pq if both_pq and nsfw_pq and aes_pq else None,
+        "npy_heads_over_nsfw_only": both_npy / nsfw_npy if both_npy and nsfw_npy else None,
+        "targets": {
+            "parquet_heads_over_nsfw_only": "<= 1.1",
+            "parquet_two_runs_over_one_read": ">= 1.8",
+            "npy_heads_over_nsfw_only": "<= 1.2",
+        },
+    }
+    return out
+
+
 def _fmt_rate(x: float | None) -> str:
     return f"{x:14,.0f}" if x else f"{'n/a':>14s}"
 
@@ -768,6 +804,18 @@ def print_table(result: dict[str, Any]) -> None:
             f"{label:44s} {_fmt_rate(r)} {(r / L if r else float('nan')):6.2f} "
             f"{(r / Lr if r else float('nan')):6.2f} {(r / G if r else float('nan')):6.2f}   "
             f"{v['median_small_s']:.2f} s / {v['median_large_s']:.2f} s"
+        )
+    h = f.get("heads")
+    if h:
+
+        def r(x: float | None) -> str:
+            return f"{x:.2f}x" if x else "n/a"
+
+        print(
+            f"--heads nsfw,aesthetic: parquet {r(h['parquet_heads_over_nsfw_only'])} the NSFW-only time "
+            "(target <= 1.1), "
+            f"two runs take {r(h['parquet_two_runs_over_one_read'])} one read's (target >= 1.8); "
+            f"parquet_npy {r(h['npy_heads_over_nsfw_only'])} (target <= 1.2)"
         )
     cs = f["cli_over_script"]["ratio"]
     print(f"CLI ÷ script (parquet_npy): {cs:.2f}x (target >= 2x)" if cs else "CLI ÷ script: n/a")
@@ -827,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds that also run --keep-embeddings binary/list on LARGE (default 1)",
     )
     p.add_argument("--no-keep-embeddings", action="store_true", help="skip the --keep-embeddings runs")
+    p.add_argument("--no-heads", action="store_true", help="skip the --heads nsfw,aesthetic runs (issue 22's figures)")
     p.add_argument("--limit-repeats", type=int, default=5, help="sgemm repeats for L (best of >= 10)")
     p.add_argument(
         "--sgemm-per-round", type=int, default=10, help="sgemms timed in each round for L, same rounds (median)"

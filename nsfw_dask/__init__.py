@@ -31,10 +31,10 @@ from .exceptions import (
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first use (_LAZY)
     from .io import read_embeddings
-    from .loading import clear_model_cache, load_model, model_cache_info
+    from .loading import clear_model_cache, load_heads, load_model, model_cache_info
     from .pipeline import Summary, score_dataset
     from .plugin import NSFWModelPlugin
-    from .scoring import nsfw_meta, score, score_nsfw
+    from .scoring import nsfw_meta, score, score_aesthetic, score_heads, score_nsfw
 
 #: The public names that need torch, pyarrow or dask, imported on first use: {name: module}.
 #: ``import nsfw_dask`` (and so ``nsfw-dask --help``, and every ``dask ...`` command, which loads
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first
 _LAZY: dict[str, str] = {
     "read_embeddings": "io",
     "clear_model_cache": "loading",
+    "load_heads": "loading",
     "load_model": "loading",
     "model_cache_info": "loading",
     "Summary": "pipeline",
@@ -49,6 +50,8 @@ _LAZY: dict[str, str] = {
     "NSFWModelPlugin": "plugin",
     "nsfw_meta": "scoring",
     "score": "scoring",
+    "score_aesthetic": "scoring",
+    "score_heads": "scoring",
     "score_nsfw": "scoring",
 }
 
@@ -66,12 +69,15 @@ __all__ = [
     "WeightsNotFoundError",
     "__version__",
     "clear_model_cache",
+    "load_heads",
     "load_model",
     "model_cache_info",
     "nsfw_meta",
     "read_embeddings",
     "score",
+    "score_aesthetic",
     "score_dataset",
+    "score_heads",
     "score_nsfw",
 ]
 
@@ -79,6 +85,7 @@ __all__ = [
 #: NeMo Curator's classes (``from nsfw_dask import NSFWScorer`` is how NeMo users import them),
 #: and names the README, notebooks and tests use from here today.
 _COMPAT: dict[str, str] = {
+    "AestheticScorer": "nemo",
     "NSFWScorer": "nemo",
     "NSFWModel": "nemo",
     "Normalization": "nemo",

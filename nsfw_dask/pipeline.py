@@ -961,8 +961,11 @@ def _check_column_clashes(plan: Plan, opts: Options) -> None:
         raise JobError(f"--score-column {opts.score_column!r} is the embedding column; choose another name.", 2)
     for head, column in columns.items():
         if column in existing or column == plan.column:
-            fix = "pass --score-column with another name" if head == "nsfw" else "rename that column in INPUT"
-            raise JobError(f"INPUT already has a column {column!r}, which the {head} head writes; {fix}.", 2)
+            if head == "nsfw":
+                raise JobError(f"INPUT already has a column {column!r}; pass --score-column with another name.", 2)
+            raise JobError(
+                f"INPUT already has a column {column!r}, which the {head} head writes; rename that column in INPUT.", 2
+            )
     if len(set(columns.values())) < len(columns):
         raise JobError(f"--score-column {opts.score_column!r} is another head's column; choose another name.", 2)
     if opts.threshold is not None and IS_NSFW_COLUMN in existing:

@@ -488,7 +488,8 @@ def _score_and_attach(
     col = backend.resolve_column(df, column, schema_only=schema_only)  # None: undecided on dask's fake partition
     for h in specs:
         if col is not None and score_columns[h.name] == col:
-            raise ValueError(f"score column {score_columns[h.name]!r} is the embedding column; choose another name.")
+            keyword = "score_column" if len(specs) == 1 else f"score_columns[{h.name!r}]"
+            raise ValueError(f"{keyword} {score_columns[h.name]!r} is the embedding column; choose another name.")
     n = len(df)
     scores: list[torch.Tensor | None] = [None] * len(specs)
     if n and not schema_only:

@@ -26,17 +26,21 @@ ALL = [
     "WeightsNotFoundError",
     "__version__",
     "clear_model_cache",
+    "load_heads",
     "load_model",
     "model_cache_info",
     "nsfw_meta",
     "read_embeddings",
     "score",
+    "score_aesthetic",
     "score_dataset",
+    "score_heads",
     "score_nsfw",
 ]
 
 #: Out of ``__all__`` but still at the top level, silently: name -> the module that has it.
 COMPAT = {
+    "AestheticScorer": "nsfw_dask.nemo",
     "NSFWScorer": "nsfw_dask.nemo",
     "NSFWModel": "nsfw_dask.nemo",
     "Normalization": "nsfw_dask.nemo",
@@ -105,7 +109,7 @@ def test_star_import_gives_all_and_no_warning() -> None:
 
 
 #: Added to ``__all__`` since the surface was cut (the norm check, issue 20).
-ADDED = {"EmbeddingNormError", "NotUnitNormWarning"}
+ADDED = {"AestheticScorer", "EmbeddingNormError", "NotUnitNormWarning", "load_heads", "score_aesthetic", "score_heads"}
 
 
 def test_old_names_all_still_import() -> None:
