@@ -4,9 +4,10 @@
 ``Linear`` + ReLU per layer and a sigmoid, allocating every intermediate.  ``Runner`` computes the
 same function into buffers it keeps per thread, with one pass fewer over each batch:
 
-* ``x - mean`` is computed per element in float32, into the block buffer (fused with the cast of
-  a float16/float64 batch, and with the tail padding): for CLIP-like embeddings, which sit near
-  LAION's mean, this difference is nearly exact, which is why NeMo's port is accurate there;
+* ``x - mean`` is computed per element in float32, into the block buffer (float32 input in one
+  pass, ``sub(out=)``; a float16/float64 batch is cast into the buffer first and centred there,
+  since torch's mixed-dtype ``sub`` is a slow scalar path on CPU): for CLIP-like embeddings, which
+  sit near LAION's mean, this difference is nearly exact, which is why NeMo's port is accurate there;
 * the division by ``sqrt(variance)`` is folded into the first layer's weights, computed in
   float64 and rounded once (``W1 / std``): one elementwise pass less;
 * then ``addmm`` + ``relu_`` per layer and a sigmoid.
@@ -23,7 +24,8 @@ whole number of ``ROW_BLOCK``-row blocks of at least ``MIN_ROWS`` rows, the tail
 cuBLAS picks its kernels by shape.
 
 Buffers are sized to the largest batch seen (at most ``batch_size``; on CUDA one block) and grow
-on demand; runners are kept per thread in a weak mapping keyed by the model.  They never shrink
+on demand; runners are kept per thread in a weak mapping keyed by the model (or the
+:class:`HeadSet` of several heads scored together).  They never shrink
 on their own: ``release_buffers`` (public: ``nsfw_dask.gpu.release_gpu_buffers``) frees them in
 every thread of the process, and the next batch allocates them again.
 """
@@ -50,7 +52,8 @@ __all__ = ["CUDA_BLOCK_ROWS", "MIN_ROWS", "ROW_BLOCK", "HeadSet", "Runner", "get
 #: sizes differently per thread count.  Padded, every row goes through the full-block kernel:
 #: bitwise identical scores whatever the batch size, partitioning or thread count (checked by
 #: ``tests/test_determinism.py`` on every CPU the suite runs on, and under other MKL kernel
-#: choices, ``MKL_ENABLE_INSTRUCTIONS``), at the cost of at most 63 extra rows per partition.
+#: choices, ``MKL_ENABLE_INSTRUCTIONS``), at the cost of at most 63 extra rows per batch of 256
+#: rows or more (a shorter batch, e.g. a small partition's, costs what 256 rows cost).
 ROW_BLOCK = 64
 MIN_ROWS = 256
 #: CUDA: every forward pass has exactly this many rows, the last block of a call padded.
@@ -134,7 +137,7 @@ class Runner:
     At most one NSFW head (NeMo's port or exact mode) and any number of linear heads (the aesthetic
     predictors, folded to one dot product each).  Every batch is read and prepared once: cast into
     the block buffer, each row's norm taken while it is in cache, the linear heads scored from it
-    (one small GEMM), then the NSFW head's forward on the same buffer.
+    (one ``(rows, dim) x (dim, 1)`` product per head), then the NSFW head's forward on the same buffer.
     """
 
     def __init__(self, models: Any, device: torch.device, *, impute_eagerly: bool | None = None) -> None:

@@ -82,17 +82,9 @@ def norm_histogram(norms: np.ndarray) -> np.ndarray:
 
 def norm_quantiles(hist: np.ndarray) -> dict[str, float | None]:
     """p01, p50, p99 of the norms, each the lower edge of its bin (the value lies within 2.3 %)."""
-    cum = np.cumsum(np.asarray(hist, dtype=np.int64))
-    n = int(cum[-1]) if len(cum) else 0
-    out: dict[str, float | None] = {}
-    for q in _NORM_QUANTILES:
-        key = f"p{round(q * 100):02d}"
-        if n == 0:
-            out[key] = None
-            continue
-        k = int(np.searchsorted(cum, q * n, side="left"))
-        out[key] = float(f"{10 ** (_LOG_LO + k * (_LOG_HI - _LOG_LO) / NORM_HIST_BINS):.4g}")
-    return out
+    from .summary import quantiles_from_histogram  # summary imports this module
+
+    return quantiles_from_histogram(hist, _NORM_QUANTILES, _LOG_LO, _LOG_HI, transform=lambda e: float(f"{10**e:.4g}"))
 
 
 def norm_stats(norms: np.ndarray) -> dict[str, Any]:

@@ -80,10 +80,8 @@ class ModelSpec:
     @property
     def fetch_command(self) -> str:
         """The ``nsfw-dask fetch-weights`` command that gets this file."""
-        if self.head == "nsfw":
-            return f"nsfw-dask fetch-weights --model {self.name}"
-        clip = self.name.rsplit("-vit-", 1)[1]
-        return f"nsfw-dask fetch-weights --heads {self.head} --model vit-{clip}"
+        clip = self.name if self.head == "nsfw" else "vit-" + self.name.rsplit("-vit-", 1)[1]
+        return f"nsfw-dask fetch-weights --heads {self.head} --model {clip}"
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {

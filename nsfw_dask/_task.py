@@ -22,6 +22,7 @@ from ._atomic import TMP_NAME, storage_error, tmp_name
 from ._lease import confirm_holder
 from ._norms import clearly_not_unit, norm_stats, not_unit_message
 from ._plan import ROW_NUMBER_COLUMN, Part, Plan, file_identity
+from ._specs import get_spec
 from ._version import __version__
 from .exceptions import EmbeddingFormatError, EmbeddingNormError, JobError
 from .heads import HEADS
@@ -190,8 +191,12 @@ def _check_norms(plan: Plan, part: Part, norm: dict[str, Any], opts: Options) ->
         raise EmbeddingNormError(not_unit_message(_where(plan, part), norm["norm_median"], norm["norm_rows"], cli=True))
 
 
-def _embedding_as_binary(emb: pa.Array) -> pa.Array:
-    """The vectors as fixed_size_binary(dim * itemsize): the raw bytes, no list levels to encode."""
+def _embedding_as_binary(emb: pa.Array, width: int) -> pa.Array:
+    """The vectors as fixed_size_binary(width * itemsize): the raw bytes, no list levels to encode.
+
+    ``width`` is the model's embedding width, not read from the rows: a partition whose rows are
+    all null has the same column type as every other part (``fixed_size_binary[0]`` otherwise,
+    and the parts would not read back as one dataset)."""
     if isinstance(emb, pa.ChunkedArray):
         emb = emb.combine_chunks()
     vt = emb.type.value_type
@@ -203,11 +208,7 @@ def _embedding_as_binary(emb: pa.Array) -> pa.Array:
         buf = values.buffers()[1]
         start = values.offset * item
         return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * item), n, [None, buf.slice(start, n * dim * item)])
-    if pa.types.is_fixed_size_list(emb.type):
-        dim = emb.type.list_size
-    else:
-        lengths = pc_list_lengths(emb)
-        dim = int(np.max(lengths)) if n and np.any(lengths >= 0) else 0
+    dim = width  # every row was checked to have this many values before it was scored
     flat = np.zeros((n, dim), dtype=np.dtype(vt.to_pandas_dtype()))
     valid = np.asarray(emb.is_valid())
     if n and valid.any():
@@ -220,12 +221,6 @@ def _embedding_as_binary(emb: pa.Array) -> pa.Array:
         pa.binary(dim * item), n, [mask, pa.py_buffer(flat)], null_count=int(n - valid.sum())
     )
     return arr
-
-
-def pc_list_lengths(emb: pa.Array) -> np.ndarray:
-    import pyarrow.compute as pc
-
-    return np.asarray(pc.list_value_length(emb).fill_null(-1), dtype=np.int64)
 
 
 def _output_table(
@@ -251,7 +246,7 @@ def _output_table(
                 ).encode()
             },
         )
-        b = _embedding_as_binary(emb)
+        b = _embedding_as_binary(emb, get_spec(opts.model).dim)
         out = out.append_column(f.with_type(b.type), b)
     for (name, type_name), value in zip(plan.partition_columns, part.partition_values):
         # hive partition columns, after the file's own (where pyarrow.dataset puts them)

@@ -551,21 +551,21 @@ def _print_summary(s: dict[str, Any]) -> None:
             + ", ".join(f"{n} {st.get(n + '_s', 0.0):.1f} s" for n in names)
             + f"  (summed over the parts; {s['threads']} thread(s) on {s['workers']} worker(s), busy {100 * busy:.0f}%)"
         )
-    if s["nan_scores"]:
-        print(f"NaN scores       {s['nan_scores']:,}  (null or non-finite embeddings)")
-    q = s["quantiles"]
-    if any(v is not None for v in q.values()):
-        # each value is its bin's lower edge: the true quantile lies in [v, v + 0.0001)
-        print("score quantiles  " + "  ".join(f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
-    else:
-        print("score quantiles  (no scores: no rows with an embedding)")
     heads = s.get("heads") or {}
-    for name, h in list(heads.items())[1:] if len(heads) > 1 else []:  # the first head's line is above
+    if len(heads) <= 1:  # one head (NSFW by default): the lines as they have always been
+        if s["nan_scores"]:
+            print(f"NaN scores       {s['nan_scores']:,}  (null or non-finite embeddings)")
+        q = s["quantiles"]
+        if any(v is not None for v in q.values()):
+            # each value is its bin's lower edge: the true quantile lies in [v, v + 0.0001)
+            print("score quantiles  " + "  ".join(f"{k}{'<0.0001' if v == 0 else f'={v:.4f}'}" for k, v in q.items()))
+        else:
+            print("score quantiles  (no scores: no rows with an embedding)")
+    for h in heads.values() if len(heads) > 1 else []:  # per head, labelled by its column
         hq = h["quantiles"]
-        if any(v is not None for v in hq.values()):
-            print(f"{h['column'] + ' quantiles':<17s}" + "  ".join(f"{k}={v:.3f}" for k, v in hq.items()))
-        if h["nan_scores"]:
-            print(f"{'NaN ' + name + ' scores':<17s}{h['nan_scores']:,}")
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in hq.items()) if any(v is not None for v in hq.values()) else "-"
+        nan = f"  ({h['nan_scores']:,} NaN)" if h["nan_scores"] else ""
+        print(f"{h['column']:<17s}{shown}{nan}")
     for k in s.get("keep") or []:
         pct = 100 * k["rows"] / max(1, s["rows"])
         print(f"keep {k['condition']:<12s}{k['rows']:,} rows pass ({pct:.2f}%)")
@@ -578,8 +578,9 @@ def _print_summary(s: dict[str, Any]) -> None:
             + (" (scored after --normalize)" if nq.get("normalized") else "")
             + zero
         )
-    if s.get("threshold") is not None:
-        pct = 100 * s["over_threshold"] / max(1, s["rows"] - s["nan_scores"])
+    if s.get("threshold") is not None:  # on the NSFW score, whichever head comes first
+        nsfw_nan = heads["nsfw"]["nan_scores"] if "nsfw" in heads else s["nan_scores"]
+        pct = 100 * s["over_threshold"] / max(1, s["rows"] - nsfw_nan)
         print(f"score >= {s['threshold']:<8g}{s['over_threshold']:,} rows ({pct:.2f}%)")
 
 

@@ -104,6 +104,8 @@ class NSFWScorer:
         norm_check: bool = True,
     ) -> None:
         self.spec = get_spec(model)
+        if self.spec.head != "nsfw":
+            raise ValueError(f"NSFWScorer scores the NSFW head; {model!r} is the {self.spec.head!r} head's weights.")
         self.exact = bool(exact)
         self.normalize = bool(normalize)
         self.norm_check = bool(norm_check)

@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -126,7 +127,7 @@ def _job_description(plan: Plan, opts: Options, rows_per_partition: int) -> dict
     if opts.heads != ("nsfw",):  # which heads, in which order: their columns (absent: NSFW only)
         content["options"]["heads"] = list(opts.heads)  # type: ignore[index]
     if opts.keep:
-        content["options"]["keep"] = [keep_text(k) for k in opts.keep]  # type: ignore[index]
+        content["options"]["keep"] = [keep_text(k, opts.score_columns()) for k in opts.keep]  # type: ignore[index]
     if opts.normalize:  # changes the scores; absent when off, so earlier jobs keep their ids
         content["options"]["normalize"] = True  # type: ignore[index]
     if plan.partition_columns:  # their values are in the files' paths; their types follow all of them
@@ -828,9 +829,9 @@ def score_dataset(
     summary.compute_seconds = compute_seconds
     summary.seconds = time.perf_counter() - t0
     summary.rows_per_s = rows_scored / compute_seconds if compute_seconds > 0 and rows_scored else 0.0
+    summary.finish_heads(opts.score_columns(), [keep_text(k, opts.score_columns()) for k in opts.keep])
     lo, hi = HEADS[opts.heads[0]].output_range
     summary.quantiles = quantiles_from_histogram(summary.histogram, lo=lo, hi=hi)  # the first head's
-    summary.finish_heads(opts.score_columns(), [keep_text(k) for k in opts.keep])
     summary.finish_norms(normalized=opts.normalize)
     return summary
 
@@ -856,7 +857,10 @@ def _validate_options(
     except ValueError as e:
         raise JobError(_head_flags(str(e)), 2) from None
     head_names = tuple(h.name for h in head_specs)
-    conditions = tuple(parse_keep(k, head_names) for k in ([keep] if isinstance(keep, str) else keep))
+    columns = {h: score_column if h == "nsfw" else HEADS[h].score_column for h in head_names}
+    conditions = tuple(parse_keep(k, head_names, columns) for k in ([keep] if isinstance(keep, str) else keep))
+    if exact and "nsfw" not in head_names:
+        raise JobError(f"--exact is LAION's original NSFW model; --heads {','.join(head_names)} has no nsfw.", 2)
     if not isinstance(score_column, str) or not score_column.strip():
         raise JobError(f"the score column needs a name (--score-column), not {score_column!r}", 2)
     if filter is None:
@@ -906,10 +910,10 @@ def _validate_options(
 
 def _head_flags(message: str) -> str:
     """A head error from :mod:`nsfw_dask.heads` (worded for ``score_heads``) for the job."""
-    return message.replace("heads=", "--heads ").replace("model= one of those", "--model one of those")
+    return message.replace("model= one of those", "--model one of those")
 
 
-def parse_keep(condition: Any, heads: tuple[str, ...]) -> tuple[str, str, float]:
+def parse_keep(condition: Any, heads: tuple[str, ...], columns: dict[str, str] | None = None) -> tuple[str, str, float]:
     """``"aesthetic>=5"`` / ``"aesthetic_score >= 5"`` / ``("aesthetic", ">=", 5)`` -> ``("aesthetic", ">=", 5.0)``.
 
     The head may be named by its name or its score column; it must be among ``heads``.
@@ -928,7 +932,8 @@ def parse_keep(condition: Any, heads: tuple[str, ...]) -> tuple[str, str, float]
             name, op, raw = condition
         except (TypeError, ValueError):
             raise JobError(f"a --keep condition is (head, op, value), not {condition!r}", 2) from None
-    by_column = {HEADS[h].score_column: h for h in heads}
+    columns = columns or {h: HEADS[h].score_column for h in heads}
+    by_column = {c: h for h, c in columns.items()}  # a head by its column too (--score-column included)
     head = by_column.get(str(name), str(name).replace("_", "-"))
     if head not in heads:
         raise JobError(
@@ -942,12 +947,14 @@ def parse_keep(condition: Any, heads: tuple[str, ...]) -> tuple[str, str, float]
         value = float(raw)
     except (TypeError, ValueError):
         raise JobError(f"--keep {condition!r}: {raw!r} is not a number", 2) from None
+    if not math.isfinite(value):
+        raise JobError(f"--keep {condition!r}: the value must be a finite number, not {value}", 2)
     return head, op, value
 
 
-def keep_text(condition: tuple[str, str, float]) -> str:
+def keep_text(condition: tuple[str, str, float], columns: dict[str, str]) -> str:
     head, op, value = condition
-    return f"{HEADS[head].score_column} {op} {value:g}"
+    return f"{columns[head]} {op} {value:g}"
 
 
 def _check_column_clashes(plan: Plan, opts: Options) -> None:

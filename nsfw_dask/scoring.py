@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._compat import in_dask_meta_inference
-from ._forward import HeadSet, get_runner
+from ._forward import CUDA_BLOCK_ROWS, HeadSet, get_runner
 from ._norms import SAMPLE_ROWS, clearly_not_unit, not_unit_message
 from .dispatch import Segment, get_backend
 from .exceptions import EmbeddingFormatError, NotUnitNormWarning
@@ -61,7 +61,7 @@ def _cpu_batch_size() -> int:
 #: Rows per forward pass when ``batch_size=None``, as measured for this CPU and thread count at
 #: import (:func:`_cpu_batch_size`; each call decides again, since a Dask worker's thread count
 #: may differ); CUDA: one fixed block (``_forward.CUDA_BLOCK_ROWS``; not measured here).
-DEFAULT_BATCH_SIZE = {"cpu": _cpu_batch_size(), "cuda": 32768}
+DEFAULT_BATCH_SIZE = {"cpu": _cpu_batch_size(), "cuda": CUDA_BLOCK_ROWS}
 
 
 def _default_batch_size(device: torch.device) -> int:
@@ -101,6 +101,8 @@ def score_tensor(
     ``normalize``: score ``x / ||x||`` instead of ``x`` (a zero row gets NaN).  For several heads
     (a :class:`~nsfw_dask._forward.HeadSet`) see :func:`score_tensors`.
     """
+    if get_runner(model, device).n_out != 1:
+        raise TypeError(f"score_tensor scores one head; {model!r} has several: use score_tensors")
     outs = score_tensors(
         model,
         emb,
@@ -110,8 +112,6 @@ def score_tensor(
         norms=norms,
         normalize=normalize,
     )
-    if len(outs) != 1:
-        raise TypeError(f"score_tensor scores one head; {model!r} has {len(outs)}: use score_tensors")
     return outs[0]
 
 
@@ -271,7 +271,9 @@ def score_nsfw(
     score_column : str, default "nsfw_score"
         Name of the appended column (replaced if it exists).
     batch_size : int, optional
-        Rows per forward pass; default ``DEFAULT_BATCH_SIZE`` for the device.
+        Rows per forward pass; default: the best measured for the device, CPU kind and torch
+        thread count (4,096 with AVX-512 and several threads, else 1,024; CUDA: one 32,768-row
+        block).  The scores do not depend on it.
     device : str or torch.device, optional
         Default: where the data is (cuDF -> the current CUDA device, pandas -> CPU).  Passing
         ``"cuda"`` for a pandas partition moves it batch by batch.
@@ -279,13 +281,16 @@ def score_nsfw(
         Folder searched first for the weights (then ``$NSFW_DASK_MODEL_DIR``, the user cache,
         a download).
     exact : bool, default False
-        ``False``: NeMo Curator's torch port (Normalization -> MLP), bit for bit.  ``True``:
+        ``False``: NeMo Curator's torch port (Normalization -> MLP), within 1e-5 (the contract:
+        docs/exact.md).  ``True``:
         LAION's original AutoKeras model, whose scores are LAION-5B's published ``punsafe``:
         a few columns are looked up in the original vocabularies (read from LAION's SavedModel
         zip, found like the weights) and NaN values count as 0.  See README, "Exact mode".
     normalize : bool, default False
         L2-normalise each embedding before scoring (``x / ||x||``; a zero vector gets NaN).  For
-        raw ``encode_image`` outputs: LAION's heads were trained on unit-length embeddings.
+        raw ``encode_image`` outputs: LAION's heads were trained on unit-length embeddings.  A row
+        holding a NaN has no norm and scores NaN, also with ``exact=True`` (where a NaN element
+        otherwise counts as 0).
     norm_check : bool, default True
         Look at the norms of a sample of the rows (up to 1,024 per call, cheap next to scoring)
         and warn (:class:`~nsfw_dask.NotUnitNormWarning`) when they are clearly not unit length
@@ -481,6 +486,8 @@ def _score_and_attach(
     """``score_nsfw`` / ``score_heads`` / ``score_aesthetic``: resolve, score, attach each head's column."""
     _check_call(batch_size, exact)
     specs = parse_heads(heads)
+    if exact and all(h.name != "nsfw" for h in specs):
+        raise ValueError("exact=True is LAION's original NSFW model; it needs the 'nsfw' head in heads=.")
     for h in specs:
         h.spec_for(model)  # every head has weights for this CLIP model (else one line, now)
     backend = get_backend(df)
@@ -552,7 +559,8 @@ def _score_frame(
     bs = int(batch_size) if batch_size else _default_batch_size(dev)
     models: Any
     if len(heads) == 1:  # one head: its own model (the runner NSFWScorer and score_tensor share)
-        models = load_model(heads[0].spec_for(model), device=dev, model_dir=model_dir, exact=exact)
+        only = heads[0]
+        models = load_model(only.spec_for(model), device=dev, model_dir=model_dir, exact=exact and only.name == "nsfw")
     else:
         models = load_heads(heads, clip.name, device=dev, model_dir=model_dir, exact=exact)
     norms = torch.empty(n, dtype=torch.float32, device=dev) if with_norms else None

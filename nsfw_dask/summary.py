@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -96,6 +97,9 @@ class Summary:
         """Fill :attr:`heads` and :attr:`keep` from the per-part counts (once, at the end)."""
         from .heads import HEADS
 
+        first = next(iter(columns), None)
+        if first in self.head_histograms:  # the top-level figures are the first head's
+            self.histogram = self.head_histograms[first]
         self.heads = {}
         for h, column in columns.items():
             lo, hi = HEADS[h].output_range
@@ -129,9 +133,14 @@ def histogram(scores: np.ndarray, lo: float = 0.0, hi: float = 1.0) -> np.ndarra
 
 
 def quantiles_from_histogram(
-    hist: np.ndarray, qs: tuple[float, ...] = QUANTILES, lo: float = 0.0, hi: float = 1.0
+    hist: np.ndarray,
+    qs: tuple[float, ...] = QUANTILES,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    transform: Callable[[float], float] | None = None,
 ) -> dict[str, float | None]:
-    """Each quantile as the lower edge of its bin: the true value lies in [q, q + (hi - lo)/HIST_BINS).
+    """Each quantile as the lower edge of its bin of ``len(hist)`` equal bins of [lo, hi]: the true
+    value lies in [q, q + (hi - lo) / len(hist)) (``transform``: of the edge, e.g. a log scale's).
 
     Same definition as ``np.quantile(scores, q, method="inverted_cdf")``: the smallest score
     whose share of rows at or below it reaches q.
@@ -145,7 +154,8 @@ def quantiles_from_histogram(
             out[key] = None
             continue
         k = int(np.searchsorted(cum, q * n, side="left"))
-        out[key] = round(lo + k * (hi - lo) / HIST_BINS, 10)
+        edge = lo + k * (hi - lo) / len(cum)
+        out[key] = transform(edge) if transform is not None else round(edge, 10)
     return out
 
 
@@ -189,8 +199,10 @@ def add_part(summary: Summary, r: dict[str, Any]) -> None:
     summary.rows_written += r["rows_written"]
     summary.nan_scores += r["nan_scores"]
     summary.over_threshold += r["over_threshold"]
-    summary.histogram = summary.histogram + r["histogram"]
-    for h, v in (r.get("heads") or {}).items():
+    heads = r.get("heads") or {}
+    if not heads:  # a record without per-head numbers: its one head's histogram
+        summary.histogram = summary.histogram + r["histogram"]
+    for h, v in heads.items():
         prev = summary.head_histograms.get(h)
         summary.head_histograms[h] = v["histogram"] if prev is None else prev + v["histogram"]
         summary.head_nan[h] = summary.head_nan.get(h, 0) + v["nan"]

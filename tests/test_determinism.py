@@ -19,7 +19,7 @@ What each test proves (CPU, LAION's L/14 head, the 2,692-row reference set):
   (what a Dask nanny worker gets: ``OMP_NUM_THREADS=1``) and with the default give the same bits.
   (This found a real problem: unpadded, batches of 5, 6, 7, 10 or 11 rows rounded differently with
   1 thread than with 2, up to 2.6e-6; every batch is now computed as whole 64-row blocks, see
-  ``nsfw_dask._forward.Runner._padded``.)
+  ``nsfw_dask._forward.ROW_BLOCK``.)
 * ``test_batch_sizes_agree``: batch sizes 1, 7, 256, 1,024, 4,096 and the whole frame give the
   same bits as each other, and NeMo Curator's stored scores within the contract's 1e-5.
 * ``test_partitionings_agree``: 1, 3 and 17 partitions of a frame with a shuffled string index,

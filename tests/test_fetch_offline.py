@@ -105,7 +105,7 @@ def assert_one_line_fix(msg: str, filename: str, url: str, cause: str, target: P
     assert "\n" not in msg, msg
     assert filename in msg and url in msg and cause in msg, msg
     assert "NSFW_DASK_MODEL_DIR" in msg and "machine with internet" in msg, msg
-    assert f"fetch-weights --model vit-l-14 --model-dir {target}" in msg, msg
+    assert f"fetch-weights --heads nsfw --model vit-l-14 --model-dir {target}" in msg, msg
 
 
 # --------------------------------------------------------------------------------------------

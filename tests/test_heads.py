@@ -347,3 +347,56 @@ def test_cli_aesthetic_alone_scores_raw_embeddings_without_a_norm_refusal(tmp_pa
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
     r = _cli(str(raw), str(tmp_path / "o2"), "--heads", "nsfw,aesthetic", "--scheduler", shared_scheduler)
     assert r.returncode == 1 and "--normalize" in r.stderr  # with the NSFW head: refused as before
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def test_exact_needs_the_nsfw_head(tmp_path, unit_rows):
+    df = _frame(unit_rows[:10])
+    with pytest.raises(ValueError, match="needs the 'nsfw' head"):
+        score_heads(df, heads="aesthetic", exact=True)
+    out = score_heads(df, heads=("nsfw", "aesthetic"), exact=True)  # exact applies to the NSFW head
+    assert out["aesthetic_score"].notna().all()
+    src = _npy_folder(tmp_path / "in", unit_rows[:20])
+    r = _cli(str(src), str(tmp_path / "o"), "--heads", "aesthetic", "--exact", "--no-progress")
+    assert r.returncode == 2 and "--exact is LAION's original NSFW model" in r.stderr, r.stderr
+
+
+def test_keep_names_a_renamed_score_column_and_refuses_nan():
+    from nsfw_dask import JobError
+    from nsfw_dask.pipeline import keep_text, parse_keep
+
+    cols = {"nsfw": "punsafe", "aesthetic": "aesthetic_score"}
+    cond = parse_keep("punsafe<0.5", ("nsfw", "aesthetic"), cols)
+    assert cond == ("nsfw", "<", 0.5) and keep_text(cond, cols) == "punsafe < 0.5"
+    for bad in (("nsfw", "<", float("nan")), "nsfw<1e999"):  # 1e999: parses, as inf
+        with pytest.raises(JobError, match="finite"):
+            parse_keep(bad, ("nsfw",))
+
+
+def test_score_tensor_refuses_a_head_set_before_scoring():
+    from nsfw_dask import load_heads
+    from nsfw_dask.scoring import score_tensor
+
+    hs = load_heads(("nsfw", "aesthetic"))
+    with pytest.raises(TypeError, match="use score_tensors"):
+        score_tensor(hs, torch.zeros(3, 768), batch_size=8, device=torch.device("cpu"))
+
+
+def test_nsfw_scorer_refuses_another_heads_weights():
+    from nsfw_dask import NSFWScorer
+
+    with pytest.raises(ValueError, match="NSFWScorer scores the NSFW head"):
+        NSFWScorer(model="aesthetic-vit-l-14")
+
+
+def test_exact_and_normalize_give_nan_for_a_row_with_a_nan(unit_rows):
+    """Documented: with normalize=True a row holding a NaN has no norm, so it scores NaN, in
+    exact mode too (where a NaN element alone would count as 0); CPU's lazy path agrees."""
+    x = 5 * unit_rows[:300].copy()
+    x[11, 3] = np.nan
+    s = score_nsfw(_frame(x), exact=True, normalize=True)["nsfw_score"].to_numpy()
+    assert np.flatnonzero(np.isnan(s)).tolist() == [11]
+    alone = score_nsfw(_frame(x), exact=True, norm_check=False)["nsfw_score"].to_numpy(np.float32)
+    assert np.isfinite(alone[11])  # without normalize the NaN element counts as 0

@@ -414,3 +414,39 @@ def test_unreachable_scheduler_is_one_line_after_the_given_timeout(tmp_path, x):
     assert "is not a Dask scheduler address" in one_line_error(r, 2)
     r = cli("score", "--help")
     assert "--scheduler-timeout" in r.stdout and "(default 10)" in " ".join(r.stdout.split())
+
+
+def test_keep_embeddings_binary_of_an_all_null_partition_has_the_models_width(tmp_path, shared_scheduler):
+    """Found in review: an all-null partition wrote ``fixed_size_binary[0]`` beside the other
+    parts' ``[3072]``, so the output no longer read back as one dataset, nor as our own input."""
+    import subprocess
+    import sys
+
+    x = np.random.default_rng(0).standard_normal((20, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src = tmp_path / "in"
+    src.mkdir()
+    rows = [list(r) for r in x[:10]] + [None] * 10  # the second row group (partition) is all null
+    pq.write_table(
+        pa.table({"id": np.arange(20), "emb": pa.array(rows, type=pa.list_(pa.float32()))}),
+        src / "a.parquet",
+        row_group_size=10,
+    )
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nsfw_dask",
+        "score",
+        str(src),
+        str(out),
+        "--keep-embeddings",
+        "--rows-per-partition",
+        "10",
+    ]
+    r = subprocess.run([*cmd, "--scheduler", shared_scheduler, "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    types = {pq.read_schema(f).field("emb").type for f in sorted(out.glob("part.*.parquet"))}
+    assert types == {pa.binary(DIM * 4)}, types
+    got = pads.dataset(out).to_table()  # one dataset again
+    assert got.num_rows == 20 and got.column("emb").null_count == 10

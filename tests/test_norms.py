@@ -25,13 +25,14 @@ from pathlib import Path
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from nsfw_dask import EmbeddingNormError, NotUnitNormWarning, NSFWScorer, score_dataset, score_nsfw
 from nsfw_dask._norms import NORM_TOL, norm_quantiles, norm_stats
 
-from _frames import make_frame
+from _frames import embedding_array, make_frame
 
 pytestmark = pytest.mark.weights
 
@@ -106,10 +107,12 @@ def test_normalize_gives_nan_for_a_zero_vector_and_only_there(unit):
     np.testing.assert_allclose(s[keep], want[keep], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_normalize_is_bitwise_independent_of_batch_size(unit, dtype):
     x = (11 * unit[:700]).astype(dtype)
-    df = _frame(x) if dtype != np.float16 else make_frame({"emb": x.astype(np.float32)})
+    pa_type = pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))
+    df = make_frame({"emb": embedding_array(x, pa_type)})
+    assert df["emb"].dtype.pyarrow_dtype == pa_type  # the column is really of this dtype
     got = {bs: _scores(score_nsfw(df, normalize=True, batch_size=bs)) for bs in (1, 7, 256, None)}
     for bs, s in got.items():
         assert np.array_equal(s.view(np.uint32), got[None].view(np.uint32)), bs

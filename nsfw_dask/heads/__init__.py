@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from .._specs import HEAD_WEIGHT_SPECS, MODEL_SPECS, ModelSpec, get_spec
 
-__all__ = ["HEADS", "HeadSpec", "get_head", "head_weights", "parse_heads"]
+__all__ = ["HEADS", "HeadSpec", "get_head", "parse_heads"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,6 @@ class HeadSpec:
     zero_norm: str
     #: The range its scores are summarised over (histogram bins, quantiles); outside it is clipped
     output_range: tuple[float, float]
-    #: A sigmoid on the last layer (probabilities) or not (a regression score)
-    sigmoid: bool
     #: One line for ``--help`` and the docs: what it is, where its weights come from
     description: str
     #: Rows whose score passes this are what LAION's published subsets kept (documentation only)
@@ -64,7 +62,8 @@ class HeadSpec:
         if spec is None:
             raise ValueError(
                 f"The {self.name!r} head has no weights for {clip} embeddings; it scores "
-                f"{', '.join(sorted(self.weights))} embeddings. Drop it from heads=, or pass model= one of those."
+                f"{', '.join(sorted(self.weights))} embeddings. Score {clip} embeddings with another head, "
+                "or pass model= one of those."
             )
         return spec
 
@@ -80,7 +79,6 @@ HEADS: dict[str, HeadSpec] = {
         normalizes=False,
         zero_norm="nan",
         output_range=(0.0, 1.0),
-        sigmoid=True,
         description=(
             "LAION's CLIP-based NSFW detector (punsafe: 0 safe .. 1 NSFW), NeMo Curator's port; "
             "github.com/LAION-AI/CLIP-based-NSFW-Detector (MIT)"
@@ -94,7 +92,6 @@ HEADS: dict[str, HeadSpec] = {
         normalizes=True,
         zero_norm="bias",
         output_range=(0.0, 10.0),
-        sigmoid=False,
         description=(
             "LAION's improved aesthetic predictor (aesthetic v2, ~1..10; NeMo Curator's AestheticScorer), "
             "ViT-L/14 only; github.com/christophschuhmann/improved-aesthetic-predictor (Apache-2.0)"
@@ -111,7 +108,6 @@ HEADS: dict[str, HeadSpec] = {
         normalizes=True,
         zero_norm="nan",
         output_range=(0.0, 10.0),
-        sigmoid=False,
         description=(
             "LAION's aesthetic predictor v1 (linear, ~1..10; the 'aesthetic' column of LAION-5B and its "
             "laion-aesthetic / laion-art subsets); github.com/LAION-AI/aesthetic-predictor (MIT)"
@@ -146,8 +142,3 @@ def parse_heads(heads: str | Iterable[str | HeadSpec]) -> tuple[HeadSpec, ...]:
     if not out:
         raise ValueError(f"Expected at least one head among {sorted(HEADS)} but got heads={heads!r}.")
     return tuple(out)
-
-
-def head_weights(heads: Iterable[HeadSpec], model: str) -> list[ModelSpec]:
-    """The weights every head in ``heads`` needs for CLIP ``model`` (refused if one has none)."""
-    return [h.spec_for(model) for h in heads]
