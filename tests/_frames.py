@@ -34,3 +34,9 @@ def make_frame(columns: dict[str, Any], index: Any = None) -> pd.DataFrame:
         for name, v in columns.items()
     }
     return pd.DataFrame(data, index=index)
+
+
+def unit_vectors(n: int, seed: int = 0, dim: int = 768) -> np.ndarray:
+    """``n`` random unit-length float32 rows, as CLIP embeddings are stored."""
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

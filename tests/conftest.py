@@ -244,3 +244,20 @@ def shared_scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture
+def inprocess_client() -> Iterator[object]:
+    """A ``LocalCluster`` with in-process workers (1 x 2 threads): they see what this process
+    registered (the ``synthetic_model`` fixture's head)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c

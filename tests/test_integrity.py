@@ -34,6 +34,7 @@ import pytest
 from nsfw_dask import JobError, score_dataset
 
 from _cli import run_concurrently
+from _frames import unit_vectors
 from _s3 import s3, s3_endpoint  # noqa: F401  (fixtures)
 
 JOB, SUCCESS, LEASE = "_nsfw_dask_job.json", "_SUCCESS", "_nsfw_dask_lease.json"
@@ -218,22 +219,8 @@ def test_success_only_when_every_part_footer_names_this_job(tmp_path, l14_ref, s
 
 
 @pytest.fixture
-def client():
-    from distributed import Client, LocalCluster
-
-    # in-process workers: they see the synthetic model registered in this process
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
-def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 768)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def client(inprocess_client):
+    return inprocess_client
 
 
 def lease_record(host: str, *, heartbeat_ago: float, seconds: float = 60.0, machine: str | None = None, pid: int = 1):

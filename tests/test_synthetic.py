@@ -7,7 +7,6 @@ The weight-dependent suites still check the real scores.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +18,12 @@ import pytest
 from nsfw_dask import EmbeddingFormatError, JobError, score_dataset, score_nsfw
 from nsfw_dask.pipeline import JOB_FILE, SUCCESS_FILE
 
-from _frames import make_frame
+from _frames import make_frame, unit_vectors
 
 
 @pytest.fixture
-def client():
-    from distributed import Client, LocalCluster
-
-    # in-process workers: they see the synthetic model registered in this process
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0", silence_logs=logging.ERROR
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
-
-
-def _x(n: int, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 768)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def client(inprocess_client):
+    return inprocess_client
 
 
 def _npy_folder(root: Path, x: np.ndarray, sizes: list[int]) -> Path:
@@ -58,7 +43,7 @@ def _npy_folder(root: Path, x: np.ndarray, sizes: list[int]) -> Path:
 
 
 def test_score_nsfw_on_the_synthetic_head(synthetic_model):
-    x = _x(300)
+    x = unit_vectors(300)
     df = make_frame({"id": np.arange(300), "emb": x}, index=pd.Index([f"k{i}" for i in range(299, -1, -1)]))
     emb = df["emb"].array._pa_array.combine_chunks()
     with_null = pa.array(emb.to_pylist()[:5] + [None] + emb.to_pylist()[6:], type=emb.type)
@@ -71,7 +56,7 @@ def test_score_nsfw_on_the_synthetic_head(synthetic_model):
 
 
 def test_job_layout_commit_and_resume_on_the_synthetic_head(tmp_path, synthetic_model, client):
-    x = _x(1500, seed=1)
+    x = unit_vectors(1500, seed=1)
     src = _npy_folder(tmp_path / "in", x, [700, 300, 500])
     out = tmp_path / "out"
     s = score_dataset(src, out, model="synthetic", client=client, threshold=0.5, rows_per_partition=400, progress=False)
@@ -121,7 +106,7 @@ def test_job_layout_commit_and_resume_on_the_synthetic_head(tmp_path, synthetic_
 
 
 def test_bad_row_names_file_and_row_on_the_synthetic_head(tmp_path, synthetic_model, client):
-    x = _x(40, seed=2)
+    x = unit_vectors(40, seed=2)
     rows = [list(r) for r in x]
     rows[17] = rows[17][:767]  # one short row in the second file
     (tmp_path / "in").mkdir()
