@@ -105,6 +105,14 @@ def workers_suspended(proc: subprocess.Popen) -> Iterator[None]:
     assert children, "the CLI has no worker process"
     for c in children:
         c.suspend()
+    # SIGSTOP takes effect when a process next returns to user space: a rename (a part's commit)
+    # in flight completes first.  Wait until each one is stopped, then nothing more happens.
+    deadline = time.monotonic() + 10
+    for c in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while c.status() != psutil.STATUS_STOPPED:
+                assert time.monotonic() < deadline, f"{c.pid} did not stop"
+                time.sleep(0.005)
     try:
         yield
     finally:
