@@ -48,14 +48,18 @@ __all__ = ["CUDA_BLOCK_ROWS", "MIN_ROWS", "ROW_BLOCK", "HeadSet", "Runner", "get
 #: CPU: every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
 #: ``MIN_ROWS`` rows, the tail padded.  BLAS computes the rows of a GEMM in blocks; rows left
 #: over after the last full block, and short matrices, go through other kernels that round
-#: differently in the last bits (up to 6e-6 in a score for a 1-row batch), and for some short
-#: sizes differently per thread count.  Padded, every row goes through the full-block kernel:
-#: bitwise identical scores whatever the batch size, partitioning or thread count (checked by
-#: ``tests/test_determinism.py`` on every CPU the suite runs on, and under other MKL kernel
-#: choices, ``MKL_ENABLE_INSTRUCTIONS``), at the cost of at most 63 extra rows per batch of 256
-#: rows or more (a shorter batch, e.g. a small partition's, costs what 256 rows cost).
+#: differently in the last bits (up to 6e-6 in a score for a 1-row batch).  And MKL shares a
+#: short GEMM among threads differently from a tall one: on its AVX2 code path (AMD EPYC, or
+#: ``MKL_ENABLE_INSTRUCTIONS=AVX2``) with 2 threads, 256-row batches of the L/14 head rounded
+#: 1,613 of the 2,692 reference rows differently from 1 thread, 1,024 rows and more never did
+#: (AVX-512 and SSE4.2 paths: no difference at any size).  Padded to whole blocks of at least
+#: 1,024 rows, every row goes through the same arithmetic: bitwise identical scores whatever the
+#: batch size, partitioning or thread count (checked by ``tests/test_determinism.py`` and
+#: ``tests/test_contract.py`` on every CPU the suite runs on, and again under another MKL code
+#: path by ``make test-kernels``), at the cost of at most 63 extra rows per batch of 1,024 rows or
+#: more (a shorter batch, e.g. a small partition's, costs what 1,024 rows cost: ~2 ms).
 ROW_BLOCK = 64
-MIN_ROWS = 256
+MIN_ROWS = 1024
 #: CUDA: every forward pass has exactly this many rows, the last block of a call padded.
 #: cuBLAS chooses tile shapes and split-K by the matrix shape, so a row's last bits would
 #: otherwise depend on how many rows shared its batch (measured on an H100: 8.1e-6 between
