@@ -445,15 +445,15 @@ def test_release_buffers_frees_and_rescoring_is_unchanged() -> None:
     dev = torch.device("cpu")
     before = score_tensor(head, x, batch_size=512, device=dev).clone()
     runner = get_runner(head, dev)
-    assert runner.capacity == 512 and runner.x_norm is not None
+    assert runner.capacity == runner.rows_for(512) == 1024 and runner.x_norm is not None  # MIN_ROWS
     assert release_buffers(device_type="cuda") == 0  # CPU buffers are left alone
-    assert runner.capacity == 512
+    assert runner.capacity == 1024
     assert gpu.release_gpu_buffers() == 0
     assert release_buffers(device_type="cpu") >= 1
     assert runner.capacity == 0 and runner.x_norm is None and runner.hidden is None
     after = score_tensor(head, x, batch_size=512, device=dev)
     assert torch.equal(before, after)  # allocated again, same arithmetic, same bits
-    assert runner.capacity == 512
+    assert runner.capacity == 1024
 
 
 # ----------------------------------------------------------------------------- parquet_npy under cudf
