@@ -193,6 +193,8 @@ def confirm_holder(fs: Any, root: str, run: str, what: str) -> None:
             "Only one run at a time may write an OUTPUT: let the other run finish, or stop it and rerun "
             "with --resume."
         )
+    if rec.get("closing"):  # the run failed or was interrupted: its client is cleaning up
+        raise JobError(f"the run writing OUTPUT {shown} stopped; {what} was not committed.")
 
 
 class Lease:
@@ -327,6 +329,21 @@ class Lease:
                 self._lose(f"its lease was replaced by another run's ({describe(rec)})")
         if self.lost.is_set():
             raise JobError(self.lost_reason)
+
+    def close_commits(self) -> None:
+        """The run failed: stop the heartbeat and mark the lease closing (still this run's), so
+        that a task still running on a worker commits nothing from now on (``confirm_holder``) and
+        what the client then lists in OUTPUT is all this run will ever have committed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if not self.held or self.lost.is_set():
+            return
+        with contextlib.suppress(Exception):
+            rec = read_lease(self.fs, self.root)
+            if rec and rec.get("run") == self.run:
+                self._write({**self._record(), "closing": True})
 
     def release(self) -> None:
         """Stop the heartbeat; delete the lease if it still names this run."""

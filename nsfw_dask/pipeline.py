@@ -815,6 +815,7 @@ def score_dataset(
                 bar.close()
                 del futures
     except BaseException:
+        lease.close_commits()  # tasks still running on workers commit nothing from now on
         if not committed and not reused:
             _remove_created(out_fs, out_root, created, lease)
         lease.release()
