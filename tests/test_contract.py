@@ -154,8 +154,8 @@ def test_no_less_accurate_than_nemo_port(ref: Reference) -> None:
     rows, at 4,096 rows 5.0e-9, ours 5.0e-9, an unfolded variant of ours 5.0e-9: a property of the
     shape, not of the folded division)."""
     nemo = {bs: nemo_port(ref.model, ref.x, bs) for bs in (1, 256, len(ref.x))}
-    got = {bs: ours(ref.model, ref.x, bs) for bs in (1, None)}
-    assert np.array_equal(got[1].view(np.uint32), got[None].view(np.uint32))  # item 1, in passing
+    got = {None: ours(ref.model, ref.x), 1: ours(ref.model, ref.x[:300], 1)}  # batch 1: 300 rows suffice
+    assert np.array_equal(got[1].view(np.uint32), got[None][:300].view(np.uint32))  # item 1, in passing
     candidates = {"NeMo, batch 1": nemo[1], "NeMo, batch 256": nemo[256], "NeMo, one batch": nemo[len(ref.x)]}
     table = _side_by_side(ref, {**candidates, "nsfw_dask": got[None]})
     mine, theirs = table["nsfw_dask"], table["NeMo, one batch"]

@@ -195,7 +195,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_heads_together_equal_heads_alone_bitwise(l14_ref, dtype):
-    x = np.ascontiguousarray(l14_ref["inputs"][:900]).astype(dtype)
+    x = np.ascontiguousarray(l14_ref["inputs"][:300]).astype(dtype)  # batch 1: a padded pass per row
     pa_type = pa.list_(pa.float16() if dtype == np.float16 else pa.float32())
     df = make_frame({"id": np.arange(len(x)), "emb": pa.array(list(x), type=pa_type)})
     with warnings.catch_warnings():

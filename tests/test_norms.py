@@ -109,7 +109,7 @@ def test_normalize_gives_nan_for_a_zero_vector_and_only_there(unit):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_normalize_is_bitwise_independent_of_batch_size(unit, dtype):
-    x = (11 * unit[:700]).astype(dtype)
+    x = (11 * unit[:300]).astype(dtype)  # batch 1: a padded 1,024-row pass per row
     pa_type = pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))
     df = make_frame({"emb": embedding_array(x, pa_type)})
     assert df["emb"].dtype.pyarrow_dtype == pa_type  # the column is really of this dtype
