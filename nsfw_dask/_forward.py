@@ -43,7 +43,16 @@ import torch
 from .exact import CategoricalEncoding, ExactNSFWModel
 from .models import ModelSpec, NSFWModel
 
-__all__ = ["CUDA_BLOCK_ROWS", "MIN_ROWS", "ROW_BLOCK", "HeadSet", "Runner", "get_runner", "release_buffers"]
+__all__ = [
+    "CUDA_BLOCK_ROWS",
+    "MIN_ROWS",
+    "ROW_BLOCK",
+    "HeadSet",
+    "Runner",
+    "check_matmul_precision",
+    "get_runner",
+    "release_buffers",
+]
 
 #: CPU: every batch is computed as a whole number of ``ROW_BLOCK``-row blocks and at least
 #: ``MIN_ROWS`` rows, the tail padded.  BLAS computes the rows of a GEMM in blocks; rows left
@@ -100,6 +109,49 @@ def _sigmoid_blocks_(h: torch.Tensor) -> None:
         return
     for i in range(0, h.shape[0], SIGMOID_CHUNK):
         h[i : i + SIGMOID_CHUNK].sigmoid_()
+
+
+def _matmul_precision(device_type: str) -> str:
+    """The float32 matmul precision torch applies on ``device_type`` now: ``"ieee"`` (full),
+    ``"tf32"`` or ``"bf16"``.  Read from the backend's own setting, which reflects the legacy API
+    (``set_float32_matmul_precision``, ``allow_tf32``) as well as the ``fp32_precision`` tree."""
+    if device_type == "cuda":
+        node: Any = torch.backends.cuda.matmul
+        legacy = bool(getattr(node, "allow_tf32", False))
+    elif device_type == "cpu":
+        node = getattr(torch.backends.mkldnn, "matmul", None)
+        legacy = False
+    else:
+        return "ieee"
+    value = str(getattr(node, "fp32_precision", "none") or "none").lower()
+    if value in ("none", "ieee"):
+        if legacy:
+            return "tf32"
+        if device_type == "cpu":  # older torch: only the legacy switch exists
+            try:
+                if torch.get_float32_matmul_precision() == "medium":
+                    return "bf16"
+            except RuntimeError:  # legacy and new API mixed: the leaf above is the truth
+                pass
+        return "ieee"
+    return value
+
+
+def check_matmul_precision(device: torch.device) -> None:
+    """Raise :class:`~nsfw_dask.exceptions.ReducedPrecisionError` if float32 matmuls on
+    ``device`` would not run in full float32 (a process-wide torch setting)."""
+    prec = _matmul_precision(device.type)
+    if prec == "ieee":
+        return
+    from .exceptions import ReducedPrecisionError
+
+    setting = "torch.backends.cuda.matmul" if device.type == "cuda" else "torch.backends.mkldnn.matmul"
+    raise ReducedPrecisionError(
+        f"float32 matmuls on {device.type} are set to {prec} in this process ({setting}.fp32_precision, set by "
+        f"torch.set_float32_matmul_precision('high'/'medium'), allow_tf32 = True or fp32_precision), which moves "
+        f"NSFW scores by up to ~1e-3 (TF32 on a GPU) or 0.07 (bfloat16 on an AMX CPU): call "
+        f"torch.set_float32_matmul_precision('highest') before scoring, or score in a process that does not set it"
+    )
 
 
 class HeadSet:

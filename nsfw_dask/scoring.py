@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._compat import in_dask_meta_inference
-from ._forward import CUDA_BLOCK_ROWS, HeadSet, get_runner
+from ._forward import CUDA_BLOCK_ROWS, HeadSet, check_matmul_precision, get_runner
 from ._norms import SAMPLE_ROWS, clearly_not_unit, not_unit_message
 from .dispatch import Segment, get_backend
 from .exceptions import EmbeddingFormatError, NotUnitNormWarning
@@ -127,6 +127,7 @@ def score_tensors(
 ) -> list[torch.Tensor]:
     """Every head of ``models`` on ``emb``, from one read of each batch: a float32 ``(n,)`` per head."""
     n = emb.shape[0]
+    check_matmul_precision(device)  # a process-wide TF32/bf16 setting would move the scores
     runner = get_runner(models, device)
     if outs is None:
         outs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(runner.n_out)]
