@@ -179,6 +179,33 @@ def four_gemms(head: Any, xn: torch.Tensor, bs: int) -> Callable[[], None]:
     return run
 
 
+def four_gemms_onednn(head: Any, xn: torch.Tensor, bs: int) -> Callable[[], None] | None:
+    """The same four GEMMs through oneDNN (``torch.ops.mkldnn._linear_pointwise``, weights prepacked),
+    reported next to G: the scorer uses MKL's ``addmm`` (oneDNN's unblocked K accumulation fails the
+    contract's accuracy item on the first layer, docs/performance.md), so G stays MKL's, and this
+    says how far that is from the fastest float32 GEMMs torch has here.  None without oneDNN."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
+        return None
+    layers = [
+        (
+            torch.ops.mkldnn._reorder_linear_weight(getattr(head, f"linear_{i}").weight, 4096),
+            getattr(head, f"linear_{i}").bias,
+        )
+        for i in range(1, head.n_linear + 1)
+    ]
+    n = xn.shape[0]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for i in range(0, n, bs):
+                h = xn[i : i + bs]
+                for w, b in layers:
+                    h = torch.ops.mkldnn._linear_pointwise(h, w, b, "none", [], "")
+
+    return run
+
+
 def measure_G(
     model: str = "vit-l-14",
     rows: int = 131_072,
@@ -226,6 +253,10 @@ def bench_in_memory(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
     ga, gb = torch.randn(2048, 2048), torch.randn(2048, 2048)
     fns: dict[str, Callable[[], None]] = {f"gemms_bs{bs}": four_gemms(head, xn, bs) for bs in args.batch_sizes}
+    for bs in args.batch_sizes:
+        fn = four_gemms_onednn(head, xn, bs)
+        if fn is not None:
+            fns[f"onednn_gemms_bs{bs}"] = fn
     fns.update(
         {
             f"score_nsfw_bs{bs}": (lambda bs=bs: score_nsfw(df, model=spec.name, batch_size=bs))
@@ -266,6 +297,16 @@ def bench_in_memory(args: argparse.Namespace, result: dict[str, Any]) -> None:
         "batch_size": int(g_key.removeprefix("gemms_bs")),
         "what": "the head's four GEMMs alone (addmm into preallocated outputs, pre-normalised input) at the best batch",
     }
+    onednn = by_batch("onednn_gemms_bs")
+    if onednn:
+        o_key = max(onednn, key=lambda k: onednn[k]["rows_per_s"])
+        result["G_onednn"] = {
+            "rows_per_s": onednn[o_key]["rows_per_s"],
+            "of_G": onednn[o_key]["rows_per_s"] / g,
+            "batch_size": int(o_key.removeprefix("onednn_gemms_bs")),
+            "by_batch": onednn,
+            "what": "the same four GEMMs through oneDNN (not used by the scorer: less accurate first layer)",
+        }
     result["raw_head"] = by_batch("raw_head_bs")
     result["score_nsfw_by_batch"] = {
         k: {**v, "of_G": v["rows_per_s"] / g} for k, v in by_batch("score_nsfw_bs").items()
@@ -558,6 +599,9 @@ def print_table(result: dict[str, Any]) -> None:
     if "G" in result:
         g = result["G"]
         print(f"G = {g['rows_per_s']:,.0f} rows/s = {g['of_limit']:.2f} L (four GEMMs alone, batch {g['batch_size']})")
+        if "G_onednn" in result:
+            o = result["G_onednn"]
+            print(f"  (the same GEMMs through oneDNN: {o['rows_per_s']:,.0f} rows/s = {o['of_G']:.2f} G; not used)")
     print(f"{'figure':40s} {'rows/s':>14s} {'÷ L':>7s} {'÷ G':>7s}")
     gr = result.get("G", {}).get("rows_per_s")
     for group in ("gemms", "score_nsfw_by_batch", "raw_head", "peers"):
