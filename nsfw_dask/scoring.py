@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._compat import in_dask_meta_inference
-from ._forward import CUDA_BLOCK_ROWS, HeadSet, check_matmul_precision, get_runner
+from ._forward import CUDA_BLOCK_ROWS, MIN_ROWS, HeadSet, check_matmul_precision, get_runner
 from ._norms import SAMPLE_ROWS, clearly_not_unit, not_unit_message
 from .dispatch import Segment, get_backend
 from .exceptions import EmbeddingFormatError, NotUnitNormWarning
@@ -133,9 +133,10 @@ def score_tensors(
         outs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(runner.n_out)]
     if n == 0:
         return outs
-    bs = min(batch_size, n)
     if runner.block is not None:  # CUDA: whole blocks per batch
-        bs = -(-bs // runner.block) * runner.block
+        bs = -(-min(batch_size, n) // runner.block) * runner.block
+    else:  # CPU: a forward pass computes at least MIN_ROWS rows (padded), so never pass fewer
+        bs = min(max(batch_size, MIN_ROWS), n)
     with torch.inference_mode():
         if runner.encoding is None or normalize:  # exact mode + normalize: codes of the normalized rows
             for i in range(0, n, bs):

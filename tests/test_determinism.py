@@ -45,6 +45,7 @@ import torch
 
 import nsfw_dask
 from nsfw_dask import model_cache_info, score_nsfw
+from nsfw_dask._forward import MIN_ROWS, Runner
 
 from _frames import make_frame
 
@@ -125,7 +126,14 @@ class _Serial(dict):
         self.frame = frame
 
     def __missing__(self, bs: int | None) -> np.ndarray:
-        self[bs] = scores(score_nsfw(self.frame.iloc[: _rows_for(bs)], batch_size=bs))
+        df = self.frame.iloc[: _rows_for(bs)]
+        if bs is not None and bs < MIN_ROWS:
+            # score_nsfw raises a CPU batch_size under MIN_ROWS to MIN_ROWS (a pass computes that
+            # many rows anyway); ``bs`` real rows per pass are what a partition of ``bs`` rows (or
+            # a partition's tail) gets: score such slices one call each
+            self[bs] = np.concatenate([scores(score_nsfw(df.iloc[i : i + bs])) for i in range(0, len(df), bs)])
+        else:
+            self[bs] = scores(score_nsfw(df, batch_size=bs))
         return self[bs]
 
 
@@ -277,6 +285,24 @@ def test_scores_do_not_depend_on_torch_thread_count(frame, serial, bs):
 # --------------------------------------------------------------------------------------------
 # Other batches, other partitions: the same scores within the README's figures
 # --------------------------------------------------------------------------------------------
+
+
+def test_small_batch_sizes_cost_no_padding(frame, serial, monkeypatch):
+    """A CPU ``batch_size`` under ``MIN_ROWS`` is raised to it: every pass computes ``MIN_ROWS``
+    rows anyway (padded), so batch 7 made 2,692 / 7 = 385 passes of 1,024 rows (0.21 G at batch
+    256 in ``make bench``).  Same bits as any other batch size."""
+    passes: list[int] = []
+    call = Runner.__call__
+
+    def counting(self, x, *args, **kwargs):
+        passes.append(x.shape[0])
+        return call(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "__call__", counting)
+    out = score_nsfw(frame, batch_size=7)
+    assert passes == [MIN_ROWS, MIN_ROWS, N_REF - 2 * MIN_ROWS]
+    assert out.index.equals(frame.index)
+    assert_bitwise(scores(out), serial[N_REF], "batch 7 vs one batch")
 
 
 def test_batch_sizes_agree(frame, serial, l14_ref):
