@@ -20,6 +20,7 @@ ALL = [
     "NSFWModelPlugin",
     "NotUnitNormWarning",
     "NsfwDaskError",
+    "ReducedPrecisionError",
     "Summary",
     "WeightsError",
     "WeightsIntegrityError",
@@ -109,7 +110,15 @@ def test_star_import_gives_all_and_no_warning() -> None:
 
 
 #: Added to ``__all__`` since the surface was cut (the norm check, issue 20).
-ADDED = {"AestheticScorer", "EmbeddingNormError", "NotUnitNormWarning", "load_heads", "score_aesthetic", "score_heads"}
+ADDED = {
+    "AestheticScorer",
+    "EmbeddingNormError",
+    "NotUnitNormWarning",
+    "ReducedPrecisionError",
+    "load_heads",
+    "score_aesthetic",
+    "score_heads",
+}
 
 
 def test_old_names_all_still_import() -> None:
