@@ -113,28 +113,23 @@ def _sigmoid_blocks_(h: torch.Tensor) -> None:
 
 def _matmul_precision(device_type: str) -> str:
     """The float32 matmul precision torch applies on ``device_type`` now: ``"ieee"`` (full),
-    ``"tf32"`` or ``"bf16"``.  Read from the backend's own setting, which reflects the legacy API
-    (``set_float32_matmul_precision``, ``allow_tf32``) as well as the ``fp32_precision`` tree."""
+    ``"tf32"`` or ``"bf16"``.  Read from the backend's ``fp32_precision`` (torch >= 2.9), which
+    reflects the legacy API (``set_float32_matmul_precision``, ``allow_tf32``) as well as the
+    ``fp32_precision`` tree and is what the kernels consult; older torch: the legacy switches."""
     if device_type == "cuda":
         node: Any = torch.backends.cuda.matmul
-        legacy = bool(getattr(node, "allow_tf32", False))
     elif device_type == "cpu":
         node = getattr(torch.backends.mkldnn, "matmul", None)
-        legacy = False
     else:
         return "ieee"
-    value = str(getattr(node, "fp32_precision", "none") or "none").lower()
-    if value in ("none", "ieee"):
-        if legacy:
-            return "tf32"
-        if device_type == "cpu":  # older torch: only the legacy switch exists
-            try:
-                if torch.get_float32_matmul_precision() == "medium":
-                    return "bf16"
-            except RuntimeError:  # legacy and new API mixed: the leaf above is the truth
-                pass
-        return "ieee"
-    return value
+    value = getattr(node, "fp32_precision", None)
+    if value is not None:
+        value = str(value).lower()
+        return "ieee" if value in ("none", "ieee") else value
+    # torch < 2.9: TF32 on CUDA from allow_tf32; bfloat16 on CPU from "medium"
+    if device_type == "cuda":
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "bf16" if torch.get_float32_matmul_precision() == "medium" else "ieee"
 
 
 def check_matmul_precision(device: torch.device) -> None:

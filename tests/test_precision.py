@@ -62,6 +62,17 @@ def test_lowered_precision_is_refused_with_the_fix(frame, restore_precision, set
     assert after.index.equals(frame.index)
 
 
+def test_the_setting_the_kernels_read_decides(restore_precision) -> None:
+    """Legacy "medium", then the new API's CPU leaf back to "ieee": CPU matmuls are full float32
+    again (what ``addmm`` does), so scoring on CPU is allowed; CUDA's TF32 is still on."""
+    torch.set_float32_matmul_precision("medium")
+    assert _matmul_precision("cpu") == "bf16"
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    assert _matmul_precision("cpu") == "ieee"
+    check_matmul_precision(torch.device("cpu"))
+    assert _matmul_precision("cuda") == "tf32"
+
+
 def test_tf32_on_cuda_is_refused_without_a_gpu(restore_precision) -> None:
     """The CUDA switch is read the same way (the flag exists in CPU builds too)."""
     torch.backends.cuda.matmul.allow_tf32 = True
