@@ -202,6 +202,21 @@ def synthetic_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     nsfw_dask.clear_model_cache()
 
 
+@pytest.fixture
+def fresh_dask_frames() -> Iterator[None]:
+    """No cached model before or after the test, and dask's string conversion off (string index
+    and columns stay object dtype, so frames compare exactly).  Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("fresh_dask_frames")``."""
+    import dask
+
+    import nsfw_dask
+
+    nsfw_dask.clear_model_cache()
+    with dask.config.set({"dataframe.convert-string": False}):
+        yield
+    nsfw_dask.clear_model_cache()
+
+
 @pytest.fixture(scope="session")
 def shared_scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The address of a Dask cluster started once per session: 1 worker process x 1 thread.

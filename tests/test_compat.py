@@ -12,7 +12,6 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -28,12 +27,7 @@ from nsfw_dask.exceptions import EmbeddingFormatError
 PACKAGE = Path(nsfw_dask.__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _no_model_loaded():
-    nsfw_dask.clear_model_cache()
-    with dask.config.set({"dataframe.convert-string": False}):
-        yield
-    nsfw_dask.clear_model_cache()
+pytestmark = pytest.mark.usefixtures("fresh_dask_frames")
 
 
 def _frames(n: int = 6) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -17,7 +17,6 @@ rows with LAION's weights.  The cuDF descriptions themselves are checked in ``te
 
 from __future__ import annotations
 
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -30,6 +29,8 @@ from nsfw_dask._arrow import describe_dtype
 from nsfw_dask._common import is_float_list_description, meta_inference_column
 
 from _frames import embedding_array
+
+pytestmark = pytest.mark.usefixtures("fresh_dask_frames")
 
 # -- the pure function --------------------------------------------------------------------------
 
@@ -103,14 +104,6 @@ def test_pandas_descriptions(dtype: object, description: str) -> None:
 
 N_PARTS = 3
 ROWS = 40
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    nsfw_dask.clear_model_cache()
-    with dask.config.set({"dataframe.convert-string": False}):
-        yield
-    nsfw_dask.clear_model_cache()
 
 
 def _part(i: int, x: np.ndarray) -> pd.DataFrame:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ from nsfw_dask import NSFWScorer, nsfw_meta, score_nsfw
 
 from _frames import embedding_array
 
-pytestmark = pytest.mark.weights
+pytestmark = [pytest.mark.weights, pytest.mark.usefixtures("fresh_dask_frames")]
 
 
 _arrow_col = embedding_array
@@ -37,15 +36,6 @@ def frame(l14_ref) -> pd.DataFrame:
         },
         index=idx,
     )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    nsfw_dask.clear_model_cache()
-    # keep dask from converting the string index/columns to Arrow strings, so frames compare exactly
-    with dask.config.set({"dataframe.convert-string": False}):
-        yield
-    nsfw_dask.clear_model_cache()
 
 
 def test_single_partition_matches_nemo(frame, l14_ref):
